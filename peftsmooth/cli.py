@@ -1,0 +1,96 @@
+"""`peftsmooth COMMAND [hydra overrides...]`: dispatch to the command's own Hydra app.
+
+Hydra has no subcommands, so the dispatcher pops the command name from `sys.argv` and calls that
+command's `@hydra.main` function (each with its own primary config in `conf/`). Before handing over
+it checks config-group choices and (for single runs) composes the config once, so that a typo is
+one clear line and exit code 2 instead of Hydra's multi-line report.
+"""
+
+from __future__ import annotations
+
+import importlib
+import shlex
+import sys
+
+from peftsmooth import __version__
+from peftsmooth.errors import UserError, die
+
+# command -> (module, one-line description). Each module defines `main` (the Hydra app).
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("peftsmooth.commands.train", "adapt a pretrained classifier to Gaussian noise (PEFT / linear / full)"),
+    "certify": ("peftsmooth.commands.certify", "certify a classifier by randomized smoothing (Cohen et al. 2019)"),
+    "denoise-baseline": ("peftsmooth.commands.denoise_baseline", "denoised smoothing: a denoiser in front of a frozen classifier"),
+    "report": ("peftsmooth.commands.report", "gather runs into one comparison table and plot"),
+    "merge": ("peftsmooth.commands.merge", "merge certify shards into one certify.tsv and summary.json"),
+    "demo": ("peftsmooth.commands.demo", "embedded end-to-end demo on scikit-learn digits (CPU, no download)"),
+}
+
+# Commands whose bare (non key=value) arguments are collected into a list-valued key.
+POSITIONAL_KEY = {"report": "dirs", "merge": "dirs"}
+
+
+def usage() -> str:
+    width = max(len(c) for c in COMMANDS)
+    lines = [
+        f"peftsmooth {__version__} — PEFTSmoothing and randomized-smoothing certification",
+        "",
+        "usage: peftsmooth COMMAND [hydra overrides...] [--help] [--cfg job] [-m]",
+        "",
+        "commands:",
+    ]
+    lines += [f"  {name:<{width}}  {desc}" for name, (_, desc) in COMMANDS.items()]
+    lines += ["", "`peftsmooth COMMAND --help` shows the command's config groups and options."]
+    return "\n".join(lines)
+
+
+def _rewrite_positionals(command: str, args: list[str]) -> list[str]:
+    """`peftsmooth report outputs/ other/` -> `dirs=['outputs/','other/']`."""
+    key = POSITIONAL_KEY.get(command)
+    if key is None:
+        return args
+    flags_with_value = {"--cfg", "-c", "--package", "-p", "--info", "-i", "--config-path", "-cp",
+                        "--config-name", "-cn", "--config-dir", "-cd", "--experimental-rerun"}
+    out, bare, skip = [], [], False
+    for arg in args:
+        if skip:
+            out.append(arg)
+            skip = False
+        elif arg.startswith("-"):
+            out.append(arg)
+            skip = arg in flags_with_value
+        elif "=" in arg:
+            out.append(arg)
+        else:
+            bare.append(arg)
+    if bare:
+        quoted = ",".join("'" + a.replace("\\", "\\\\").replace("'", "\\'") + "'" for a in bare)
+        out.append(f"{key}=[{quoted}]")
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return
+    if argv[0] in ("-V", "--version"):
+        print(__version__)
+        return
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        die("", f"unknown command {command!r} (choose from: {', '.join(COMMANDS)})")
+    rest = _rewrite_positionals(command, rest)
+    from peftsmooth.config import validate_cli_args
+
+    try:
+        validate_cli_args(command, rest)
+    except UserError as err:
+        die(command, str(err))
+    module = importlib.import_module(COMMANDS[command][0])
+    sys.argv = [f"peftsmooth {command}", *rest]
+    module.main()
+
+
+def format_command(command: str, args: list[str]) -> str:
+    """The shell line that reproduces a run (recorded in run.json)."""
+    return " ".join(["peftsmooth", command, *(shlex.quote(a) for a in args)])
