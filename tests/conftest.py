@@ -1,0 +1,48 @@
+"""Shared test helpers: compose a command's config like the CLI does, with tiny CPU settings."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from peftsmooth.config import conf_dir, config_name
+
+# A ViT small enough to train and certify on digits in seconds on 2 CPU cores.
+TINY_MODEL = [
+    "model=vit_tiny",
+    "model.input_size=16",
+    "model.kwargs.img_size=16",
+    "model.kwargs.patch_size=4",
+    "model.kwargs.depth=2",
+    "model.kwargs.embed_dim=32",
+    "model.kwargs.num_heads=2",
+]
+TINY = ["dataset=digits", "device=cpu", *TINY_MODEL]
+
+
+def compose(command: str, overrides: list[str] | None = None, run_dir=None):
+    """The config `peftsmooth COMMAND overrides...` would run with (Hydra's own composition).
+
+    With `run_dir`, `hydra.runtime.output_dir` is set too, so `run_<command>(cfg)` can be called
+    directly inside a test (HydraConfig is registered for the call).
+    """
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        cfg = hydra_compose(config_name=config_name(command), overrides=list(overrides or []),
+                            return_hydra_config=run_dir is not None)
+    if run_dir is not None:
+        from omegaconf import open_dict
+
+        with open_dict(cfg):
+            cfg.hydra.runtime.output_dir = str(run_dir)
+        HydraConfig.instance().set_config(cfg)
+    return cfg
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_threads():
+    torch.manual_seed(0)
+    yield
