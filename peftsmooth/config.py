@@ -97,6 +97,17 @@ def _remove_if_unstarted(run_dir: Path) -> None:
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
+def check_common(cfg) -> None:
+    """Checks every command shares: sigma is a non-negative number where it is set."""
+    sigma = cfg.get("sigma")
+    if sigma is None:
+        return
+    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)):
+        raise UserError(f"sigma={sigma} is not a number (the Gaussian noise std in [0,1] pixel units, e.g. 0.25, 0.5, 1.0)")
+    if sigma < 0:
+        raise UserError(f"sigma={sigma} must be >= 0 (the Gaussian noise std in [0,1] pixel units, e.g. 0.25, 0.5, 1.0)")
+
+
 def hydra_app(command: str, run_fn: Callable[[Any], Any]) -> Callable[[], Any]:
     """Wrap `run_fn(cfg)` as the command's Hydra main; a UserError becomes one line + exit 2."""
     import hydra
@@ -104,6 +115,7 @@ def hydra_app(command: str, run_fn: Callable[[Any], Any]) -> Callable[[], Any]:
     @functools.wraps(run_fn)
     def task(cfg):
         try:
+            check_common(cfg)
             return run_fn(cfg)
         except UserError as err:
             try:

@@ -131,12 +131,13 @@ def build_classifier(model_cfg, num_classes: int, image_size) -> BaseClassifier:
     backbone = _create_backbone(model_cfg, num_classes)
     if model_cfg.get("checkpoint"):
         state = load_state_dict_file(model_cfg.checkpoint)
-        missing, unexpected = backbone.load_state_dict(state, strict=False)
-        if missing or unexpected:
+        try:
+            backbone.load_state_dict(state, strict=True)
+        except RuntimeError as err:
+            first = str(err).splitlines()[1].strip() if len(str(err).splitlines()) > 1 else str(err)
             raise UserError(
-                f"model.checkpoint={model_cfg.checkpoint} does not fit {model_cfg.name} with {num_classes} classes "
-                f"(missing {len(missing)} keys, unexpected {len(unexpected)})"
-            )
+                f"model.checkpoint={model_cfg.checkpoint} does not fit {model_cfg.name} with {num_classes} classes ({first})"
+            ) from err
     data_cfg = resolve_data_config(model=backbone)
     kwargs = model_cfg.get("kwargs") or {}
     input_size = kwargs.get("img_size") or model_cfg.get("input_size") or data_cfg["input_size"][-1]

@@ -1,0 +1,89 @@
+"""The CLI as a user runs it: dispatch, Hydra help and --cfg, config composition, bad input."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import compose
+
+from peftsmooth.config import conf_dir, group_choices
+
+GROUPS = {
+    "train": ["dataset", "model", "peft"],
+    "certify": ["dataset", "model", "certify"],
+}
+
+
+def peftsmooth(*args, cwd):
+    """Run the installed CLI the way a user does, from an arbitrary working directory."""
+    return subprocess.run([sys.executable, "-m", "peftsmooth", *args], cwd=cwd, capture_output=True, text=True,
+                          env={**os.environ, "HYDRA_FULL_ERROR": "0"}, timeout=300)
+
+
+def test_help_lists_commands(tmp_path):
+    out = peftsmooth("--help", cwd=tmp_path)
+    assert out.returncode == 0
+    for command in ("train", "certify", "denoise-baseline", "report", "demo"):
+        assert command in out.stdout
+
+
+def test_unknown_command_is_one_line_exit_2(tmp_path):
+    out = peftsmooth("trian", cwd=tmp_path)
+    assert out.returncode == 2
+    assert out.stderr.strip().count("\n") == 0 and "choose from" in out.stderr
+
+
+def test_train_help_shows_config_groups(tmp_path):
+    out = peftsmooth("train", "--help", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    for group in ("dataset", "model", "peft"):
+        assert f"{group}:" in out.stdout
+
+
+def test_cfg_job_prints_composed_config_from_any_directory(tmp_path):
+    out = peftsmooth("train", "--cfg", "job", "model=vit", "sigma=0.5", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "vit_base_patch16_224.augreg_in21k" in out.stdout
+    assert "sigma: 0.5" in out.stdout
+    assert not (tmp_path / "outputs").exists()  # --cfg writes nothing
+
+
+def test_configs_live_in_the_package_config_folder():
+    assert (conf_dir() / "train.yaml").is_file()
+    assert Path(conf_dir()).name == "conf"
+
+
+@pytest.mark.parametrize(
+    "command,group,choice",
+    [(c, g, v) for c, groups in GROUPS.items() for g in groups for v in group_choices(g)],
+)
+def test_every_group_choice_composes(command, group, choice):
+    cfg = compose(command, [f"{group}={choice}"])
+    assert cfg[group] is not None
+    assert "sigma" in cfg
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["train", "model=nope"], "model=nope is not allowed (choose from:"),
+        (["train", "dataset=mnist"], "dataset=mnist is not allowed"),
+        (["train", "-m", "model=vit,nope"], "model=nope is not allowed"),
+        (["train", "sigma=-0.5", "dataset=digits", "peft=none", "model=vit_tiny", "device=cpu"], "sigma=-0.5 must be >= 0"),
+        (["train", "no_such_key=1"], "no_such_key"),
+        (["train", "dataset=cifar10", "dataset.root=/nonexistent/cifar", "dataset.download=false",
+          "model=vit_tiny", "peft=none", "device=cpu"], "/nonexistent/cifar"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(tmp_path, args, needle):
+    out = peftsmooth(*args, cwd=tmp_path)
+    assert out.returncode == 2, (out.stdout, out.stderr)
+    assert needle in out.stderr
+    assert "Traceback" not in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+    # no run directory is left looking like a finished one
+    assert not list(tmp_path.glob("outputs/**/run.json"))
+    leftover = [p for p in tmp_path.glob("outputs/*/*/*") if p.name != ".hydra" and p.suffix != ".log"]
+    assert not leftover, leftover
