@@ -1,0 +1,106 @@
+"""SPSA: gradients from loss values only (Spall 1992), with BlackVIP's gradient correction.
+
+The black-box setting gives us f(x) but not its gradient, so the coordinator's parameters theta
+(one flat vector) are trained from loss values alone. One step of SPSA-GC (Oh et al., BlackVIP,
+CVPR 2023), with Spall's gain sequences:
+
+    a_k = lr / (k + stability)^lr_decay          c_k = c / k^c_decay               (k = 1, 2, ...)
+    look-ahead   phi   = theta_k + momentum * m_k                (Nesterov "gradient correction")
+    estimate     g_hat = 1/q sum_i [L(phi + c_k D_i) - L(phi - c_k D_i)] / (2 c_k D_i)
+    update       m_{k+1} = momentum * m_k - a_k g_hat,     theta_{k+1} = theta_k + m_{k+1}
+
+with q = `pairs` independent perturbations D_i whose entries are +-U(0.5, 1) (segmented uniform,
+as in BlackVIP; the division is element-wise). Each step costs 2q loss evaluations, whatever the
+dimension of theta; E[g_hat] = grad L + O(c_k^2), and its direction improves with q.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import torch
+
+from peftsmooth.errors import require
+
+LossFn = Callable[[torch.Tensor], float]
+
+
+@dataclass(frozen=True)
+class SPSAConfig:
+    """SPSA-GC hyperparameters (names from Spall / BlackVIP); validated on construction."""
+
+    pairs: int = 5            # q: perturbation pairs averaged per step (2q loss evaluations)
+    lr: float = 1.0           # a: learning-rate numerator
+    lr_decay: float = 0.4     # alpha: a_k = a / (k + stability)^alpha
+    stability: float = 1.0    # A: Spall's stability constant in a_k
+    c: float = 0.01           # perturbation size numerator
+    c_decay: float = 0.1      # gamma: c_k = c / k^gamma
+    momentum: float = 0.9     # beta: gradient-correction (Nesterov) momentum, 0 = plain SPSA
+
+    def __post_init__(self) -> None:
+        require(int(self.pairs) == self.pairs and self.pairs >= 1,
+                f"spsa.pairs={self.pairs} must be an integer >= 1 (perturbation pairs per step)")
+        require(self.lr > 0, f"spsa.lr={self.lr} must be > 0")
+        require(self.lr_decay >= 0, f"spsa.lr_decay={self.lr_decay} must be >= 0")
+        require(self.stability >= 0, f"spsa.stability={self.stability} must be >= 0")
+        require(self.c > 0, f"spsa.c={self.c} must be > 0 (perturbation size)")
+        require(self.c_decay >= 0, f"spsa.c_decay={self.c_decay} must be >= 0")
+        require(0 <= self.momentum < 1, f"spsa.momentum={self.momentum} must be in [0, 1)")
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def perturbation(n: int, like: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One SPSA direction: entries +-U(0.5, 1), random sign (bounded away from 0, so 1/D is safe)."""
+    magnitude = 0.5 + 0.5 * torch.rand(n, generator=generator)
+    sign = torch.randint(0, 2, (n,), generator=generator) * 2 - 1
+    return (magnitude * sign).to(device=like.device, dtype=like.dtype)
+
+
+def spsa_gradient(loss_fn: LossFn, theta: torch.Tensor, c: float, pairs: int,
+                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, float]:
+    """(g_hat, mean of the 2*pairs loss values) at `theta`, from two-sided perturbations of size c."""
+    g_hat = torch.zeros_like(theta)
+    total = 0.0
+    for _ in range(pairs):
+        delta = perturbation(theta.numel(), theta, generator)
+        plus, minus = float(loss_fn(theta + c * delta)), float(loss_fn(theta - c * delta))
+        g_hat += (plus - minus) / (2 * c) / delta
+        total += plus + minus
+    return g_hat / pairs, total / (2 * pairs)
+
+
+class SPSA:
+    """SPSA-GC on a flat parameter vector; `step(loss_fn, theta)` returns the next theta."""
+
+    def __init__(self, config: SPSAConfig, generator: torch.Generator | None = None):
+        self.config = config
+        self.generator = generator
+        self.k = 0                                   # steps taken
+        self.m: torch.Tensor | None = None           # momentum (same shape as theta)
+        self.evaluations = 0                         # loss evaluations so far
+
+    def gains(self, k: int) -> tuple[float, float]:
+        """(a_k, c_k) for step k >= 1."""
+        cfg = self.config
+        return cfg.lr / (k + cfg.stability) ** cfg.lr_decay, cfg.c / k ** cfg.c_decay
+
+    def step(self, loss_fn: LossFn, theta: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """One SPSA-GC update; also returns the step's mean perturbed loss and its gains."""
+        self.k += 1
+        a_k, c_k = self.gains(self.k)
+        if self.m is None:
+            self.m = torch.zeros_like(theta)
+        beta = self.config.momentum
+        g_hat, loss = spsa_gradient(loss_fn, theta + beta * self.m, c_k, self.config.pairs, self.generator)
+        self.m = beta * self.m - a_k * g_hat
+        self.evaluations += 2 * self.config.pairs
+        return theta + self.m, {"loss": loss, "a_k": a_k, "c_k": c_k, "grad_norm": float(g_hat.norm())}
+
+    def state_dict(self) -> dict:
+        return {"k": self.k, "m": self.m, "evaluations": self.evaluations}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.k, self.m, self.evaluations = int(state["k"]), state["m"], int(state["evaluations"])
