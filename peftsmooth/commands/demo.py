@@ -39,7 +39,7 @@ def _certify_dir(run_dir: Path) -> Path:
 def run_demo(cfg) -> dict:
     console = Console()
     out = output_dir()
-    common = ["dataset=digits", f"model={cfg.model}", f"seed={cfg.seed}", f"device={cfg.device}"]
+    common = ["dataset=digits", f"model={cfg.model}", *cfg.model_overrides, f"seed={cfg.seed}", f"device={cfg.device}"]
     train_common = [*common, f"train.batch_size={cfg.batch_size}"]
     base, lora = out / "base", out / "lora"
     certify = [f"certify.{k}={v}" for k, v in cfg.certify.items()]
