@@ -1,0 +1,271 @@
+"""`peftsmooth report` over synthetic run directories written to the agreed schemas (/tmp/schemas.md).
+
+The runs here are files only (run.json, certify.tsv, summary.json), so these tests take no model
+time; the end-to-end multirun -> certify -> report test lives in test_sweeps.py.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from peftsmooth.errors import UserError
+from peftsmooth.report import (build_report, certified_accuracy, curve, curves_by_method, envelope,
+                               parse_seconds, read_tsv, to_csv, to_markdown)
+
+GRID = [0.25, 0.5, 0.75, 1.0]
+
+
+def make_run(root: Path, name: str, method="lora", sigma=0.5, model="vit_tiny", finished=True,
+             trainable=1234, total=50000) -> Path:
+    run = root / name
+    run.mkdir(parents=True)
+    info = {"format": 1, "command": "train", "method": method, "model": {"name": "vit_tiny_patch16_224"},
+            "model_name": model, "dataset": {"name": "digits"}, "num_classes": 10, "image_size": [1, 8, 8],
+            "sigma": sigma, "adapt": None, "front": None, "base": None, "trainable_params": trainable,
+            "total_params": total, "files": [], "argv": "peftsmooth train", "finished": finished}
+    (run / "run.json").write_text(json.dumps(info))
+    return run
+
+
+def rows_for(seed: int, count: int, start: int = 0, step: int = 1) -> list[dict]:
+    """Deterministic fake certification rows: some abstains, some wrong, radii in [0, 1.2]."""
+    rows = []
+    for k in range(count):
+        idx = start + k * step
+        h = (idx * 7919 + seed * 104729) % 1000
+        label = idx % 10
+        if h < 100:
+            predict, radius = -1, 0.0
+        elif h < 250:
+            predict, radius = (label + 1) % 10, float(f"{h / 800:.3g}")
+        else:
+            predict, radius = label, float(f"{(h - 250) / 625:.3g}")  # as the TSV prints it
+        rows.append({"idx": idx, "label": label, "predict": predict, "radius": radius,
+                     "correct": int(predict == label), "time": 0.5 + (h % 7) / 10})
+    return rows
+
+
+def write_tsv(path: Path, rows, cohen_time=False, torn=False):
+    lines = ["idx\tlabel\tpredict\tradius\tcorrect\ttime"]
+    for r in rows:
+        t = f"0:00:{r['time']:09.6f}" if cohen_time else f"{r['time']:.3f}"
+        lines.append(f"{r['idx']}\t{r['label']}\t{r['predict']}\t{r['radius']:.3g}\t{r['correct']}\t{t}")
+    text = "\n".join(lines) + "\n"
+    if torn:
+        text += "99\t3\t3\t0.1"  # a half-written last line of a killed run
+    path.write_text(text)
+
+
+def make_cert(run: Path | None, where: Path, rows, sigma=0.5, method="lora", complete=True,
+              summary=True, shard=None, num_shards=None, mode="cohen", **tsv_kw) -> Path:
+    where.mkdir(parents=True)
+    write_tsv(where / "certify.tsv", rows, **tsv_kw)
+    if summary:
+        n = len(rows)
+        s = {"acr": sum(r["radius"] * r["correct"] for r in rows) / n,
+             "certified_accuracy": {f"{g:g}": certified_accuracy(rows, g) for g in GRID},
+             "radius_grid": GRID, "clean_accuracy": sum(r["correct"] for r in rows) / n,
+             "abstain_rate": sum(r["predict"] == -1 for r in rows) / n, "n0": 100, "n": 1000,
+             "alpha": 0.001, "sigma": sigma, "num_images": n, "samples_per_second": 1000.0,
+             "device": "cpu", "precision": "fp32", "mode": mode, "run": str(run) if run else None,
+             "method": method, "model_name": "vit_tiny", "dataset": "digits", "trainable_params": 1234,
+             "elapsed_seconds": 12.5, "complete": complete}
+        if shard is not None:
+            s.update(shard=shard, num_shards=num_shards)
+        (where / "summary.json").write_text(json.dumps(s))
+    return where
+
+
+def test_tsv_reading_cohen_and_seconds_time(tmp_path):
+    rows = rows_for(1, 5)
+    write_tsv(tmp_path / "a.tsv", rows, cohen_time=True, torn=True)
+    back = read_tsv(tmp_path / "a.tsv")
+    assert [r["idx"] for r in back] == [0, 1, 2, 3, 4]  # torn last line dropped
+    assert back[2]["time"] == pytest.approx(rows[2]["time"], abs=1e-6)
+    assert parse_seconds("1:02:03.5") == pytest.approx(3723.5)
+    assert parse_seconds("2.25") == 2.25
+
+
+def test_metrics_follow_cohen_analysis():
+    rows = [{"idx": 0, "label": 1, "predict": 1, "radius": 0.6, "correct": 1, "time": 1.0},
+            {"idx": 1, "label": 2, "predict": -1, "radius": 0.0, "correct": 0, "time": 1.0},
+            {"idx": 2, "label": 3, "predict": 4, "radius": 0.9, "correct": 0, "time": 1.0},
+            {"idx": 3, "label": 5, "predict": 5, "radius": 0.25, "correct": 1, "time": 1.0}]
+    assert certified_accuracy(rows, 0.0) == 0.5
+    assert certified_accuracy(rows, 0.25) == 0.5   # radius >= r counts
+    assert certified_accuracy(rows, 0.5) == 0.25   # a wrong prediction never counts, whatever its radius
+    assert curve(rows, [0.0, 0.25, 0.3, 0.6, 0.61]) == [0.5, 0.5, 0.25, 0.25, 0.0]
+    assert envelope([[0.5, 0.2, 0.0], [0.4, 0.3, 0.1]]) == [0.5, 0.3, 0.1]
+
+
+@pytest.fixture
+def sweep(tmp_path):
+    """A sigma sweep of LoRA runs, a full fine-tuning run, an unfinished certification, a sharded one,
+    a run with no certification yet and an unfinished training run."""
+    root = tmp_path / "outputs"
+    runs = {}
+    for i, sigma in enumerate([0.25, 0.5, 1.0]):
+        run = make_run(root / "multirun" / "train" / "t0", f"lora_vit_tiny_digits_sigma{sigma}", sigma=sigma)
+        make_cert(run, run / "certify" / f"cohen_sigma{sigma}_n1000", rows_for(i, 40), sigma=sigma)
+        runs[("lora", sigma)] = run
+    full = make_run(root / "train", "full_vit_tiny_digits_sigma0.5", method="full", trainable=50000)
+    make_cert(full, full / "certify" / "cohen_sigma0.5_n1000", rows_for(7, 30), method="full",
+              summary=False, torn=True)                                     # killed mid-way: no summary
+    shard_run = make_run(root / "train", "linear_vit_tiny_digits_sigma0.5", method="linear", trainable=330)
+    for s in range(2):  # shard s certifies images s, s+2, s+4, ...
+        make_cert(shard_run, shard_run / "certify" / f"cohen_sigma0.5_n1000_shard{s}of2",
+                  rows_for(3, 15, start=s, step=2), method="linear", shard=s, num_shards=2)
+    make_run(root / "train", "ia3_vit_tiny_digits_sigma0.5", method="ia3")     # not certified yet
+    make_run(root / "train", "oft_vit_tiny_digits_sigma0.5", method="oft", finished=False)
+    return root, runs
+
+
+def by_method(rows):
+    out = {}
+    for r in rows:
+        out.setdefault(r["method"], []).append(r)
+    return out
+
+
+def test_report_table_equals_summaries(sweep):
+    root, runs = sweep
+    report = build_report([root], GRID)
+    rows = by_method(report.rows)
+    assert sorted(rows) == ["full", "ia3", "linear", "lora", "oft"]
+    lora = sorted(rows["lora"], key=lambda r: r["sigma"])
+    assert [r["sigma"] for r in lora] == [0.25, 0.5, 1.0]
+    for row, sigma in zip(lora, [0.25, 0.5, 1.0]):
+        summary = json.loads((runs[("lora", sigma)] / "certify" / f"cohen_sigma{sigma}_n1000" / "summary.json").read_text())
+        assert row["acr"] == summary["acr"]
+        assert row["clean_accuracy"] == summary["clean_accuracy"]
+        for g in GRID:
+            assert row[f"cert@{g:g}"] == summary["certified_accuracy"][f"{g:g}"]
+        assert row["trainable_params"] == 1234 and row["cert_time_s"] == 12.5
+        assert row["status"] == "complete" and row["model"] == "vit_tiny"
+
+
+def test_report_marks_partial_and_uncertified_runs(sweep):
+    root, _ = sweep
+    rows = by_method(build_report([root], GRID).rows)
+    full, = rows["full"]
+    expected = rows_for(7, 30)
+    assert full["status"] == "partial: 30 images"
+    assert full["num_images"] == 30
+    assert full["acr"] == pytest.approx(sum(r["radius"] * r["correct"] for r in expected) / 30, abs=1e-3)
+    assert full["cert_time_s"] == pytest.approx(sum(r["time"] for r in expected), abs=1e-3)
+    ia3, = rows["ia3"]
+    assert ia3["status"] == "not certified" and ia3["acr"] is None and ia3["trainable_params"] == 1234
+    oft, = rows["oft"]
+    assert oft["status"] == "training unfinished; not certified"
+
+
+def test_report_merges_shards_like_one_run(sweep, tmp_path):
+    root, _ = sweep
+    linear, = by_method(build_report([root], GRID).rows)["linear"]
+    whole = rows_for(3, 30)   # what one unsharded run over images 0..29 would give
+    single = make_cert(None, tmp_path / "single", whole, method="linear")
+    ref, = build_report([single], GRID).rows
+    assert linear["status"] == "merged 2 shards" and linear["num_images"] == 30
+    for key in ["clean_accuracy", "acr", *[f"cert@{g:g}" for g in GRID]]:
+        assert linear[key] == pytest.approx(ref[key], abs=1e-12), key
+    assert linear["cert_time_s"] == 25.0  # the shards' elapsed seconds, summed
+
+
+def test_report_missing_shard_is_partial(tmp_path):
+    run = make_run(tmp_path, "r", method="linear")
+    make_cert(run, run / "certify" / "cohen_sigma0.5_n1000_shard1of3", rows_for(3, 5, start=1, step=3),
+              shard=1, num_shards=3)
+    row, = build_report([tmp_path], GRID).rows
+    assert row["status"] == "partial: shards 1/3, 5 images"
+
+
+def test_report_prefers_merged_result_over_its_shards(tmp_path):
+    run = make_run(tmp_path, "r", method="linear")
+    merged = make_cert(run, run / "certify" / "cohen_sigma0.5_n1000", rows_for(3, 6))
+    for s in range(2):
+        make_cert(run, merged / f"shard{s}of2", rows_for(3, 3, start=s, step=2), shard=s, num_shards=2)
+    row, = build_report([tmp_path], GRID).rows
+    assert row["status"] == "complete" and row["certification"] == str(merged.resolve())
+
+
+def test_off_the_shelf_certification_and_predict_mode(tmp_path):
+    make_cert(None, tmp_path / "certify" / "cohen_vit_digits" / "2024", rows_for(2, 10), method="none")
+    make_cert(None, tmp_path / "certify" / "predict_vit_digits" / "2024", rows_for(2, 10), method="none",
+              mode="predict")
+    rows = build_report([tmp_path], GRID).rows
+    assert len(rows) == 2 and all(r["run"] is None and r["method"] == "none" for r in rows)
+    predict = next(r for r in rows if r["mode"] == "predict")
+    assert predict["acr"] is None and predict["cert@0.5"] is None and predict["clean_accuracy"] is not None
+
+
+def test_radius_grid_outside_summary_grid_uses_tsv(sweep, tmp_path):
+    root, runs = sweep
+    rows = build_report([runs[("lora", 0.5)]], [0.1, 0.5]).rows
+    row, = rows
+    expected = read_tsv(runs[("lora", 0.5)] / "certify" / "cohen_sigma0.5_n1000" / "certify.tsv")
+    assert row["cert@0.1"] == certified_accuracy(expected, 0.1)
+    assert "cert@0.25" not in row
+
+
+def test_envelope_is_best_over_sigma(sweep):
+    root, _ = sweep
+    report = build_report([root], GRID)
+    radii = [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
+    lora = curves_by_method(report, radii)["lora (vit_tiny)"]
+    assert len(lora) == 3
+    env = envelope([v for _, _, v in lora])
+    for k in range(len(radii)):
+        assert env[k] == max(v[k] for _, _, v in lora)
+
+
+def test_markdown_and_csv(sweep):
+    root, _ = sweep
+    report = build_report([root], GRID)
+    md = to_markdown(report)
+    header = md.splitlines()[0]
+    for col in ["method", "model", "sigma", "trainable params", "clean acc", "cert@0.25", "cert@1", "ACR",
+                "cert time", "status"]:
+        assert col in header
+    assert sum(line.startswith("| ") for line in md.splitlines()) == len(report.rows) + 1  # header + rows
+    parsed = list(csv.DictReader(to_csv(report).splitlines()))
+    assert len(parsed) == len(report.rows)
+    first = next(p for p in parsed if p["method"] == "lora" and p["sigma"] == "0.25")
+    ref = next(r for r in report.rows if r["method"] == "lora" and r["sigma"] == 0.25)
+    assert float(first["acr"]) == pytest.approx(ref["acr"])
+
+
+def test_report_command_writes_files(sweep, tmp_path):
+    from conftest import compose
+
+    from peftsmooth.commands.report import run_report
+
+    root, _ = sweep
+    out = tmp_path / "rep"
+    cfg = compose("report", [f"dirs=[{root}]", f"out={out}", "radius_grid=[0.5,1.0]"], run_dir=tmp_path / "hydra")
+    result = run_report(cfg)
+    assert {Path(p).name for p in result["files"].values()} == {"report.md", "report.csv", "report.png"}
+    assert (out / "report.png").stat().st_size > 1000
+    assert "cert@0.5" in (out / "report.md").read_text()
+    assert len(result["rows"]) == 7
+
+
+@pytest.mark.parametrize("args, needle", [
+    ([], "dirs is empty"),
+    (["/nonexistent/dir"], "is not a directory"),
+    (["{tmp}", "radius_grid=[-1]"], "radius_grid"),
+    (["{tmp}"], "no runs found"),
+])
+def test_report_bad_input_is_one_line(tmp_path, args, needle):
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    proc = subprocess.run([sys.executable, "-m", "peftsmooth", "report", *args, f"hydra.run.dir={tmp_path}/h"],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("peftsmooth report: error:") and needle in lines[0], proc.stderr
