@@ -1,0 +1,296 @@
+"""Randomized smoothing: CERTIFY and PREDICT of Cohen, Rosenfeld & Kolter (2019), on the model's device.
+
+The smoothed classifier is g(x) = argmax_c P(f(x + e) = c), e ~ N(0, sigma^2 I), with the noise added in
+the dataset's native pixel space (f does its own resizing and normalization). `Smooth` mirrors Cohen's
+`core.py` (same names, same signatures); what differs is only how the samples are drawn and counted:
+
+- noise is drawn on the model's device, in fp32, in blocks of `NOISE_BLOCK` samples; block k of phase p of
+  an image seeded with s comes from a generator seeded with hash(s, p, k). So the noise an image sees
+  depends only on its seed, never on the batch size, on packing several images into one batch, on
+  out-of-memory retries or on sharding: a resumed or sharded run counts exactly the same samples.
+- class counts stay on the device (`bincount`); the host reads them once per phase, not once per batch,
+  and memory does not depend on n.
+- `precision="bf16"|"fp16"` runs f under autocast. The noise and x + noise stay fp32 (the smoothing
+  distribution is the exact Gaussian); rounding the noisy input is part of the base classifier, which
+  is what gets certified (DESIGN.md section 2, rule 5).
+- the selection samples (n0) and the estimation samples (n) come from different noise streams and are
+  never reused for one another (rule 2).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+import time
+from dataclasses import dataclass
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from peftsmooth.stats import binomial_pvalue, lower_confidence_bound, radius
+
+NOISE_BLOCK = 128  # samples per independently seeded noise block
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+SELECTION, ESTIMATION, PREDICTION = "selection", "estimation", "predict"
+
+
+def image_seed(seed: int, idx: int) -> int:
+    """The seed of image `idx` in a run seeded with `seed` (rule 7: noise depends only on (seed, idx))."""
+    return _hash64("image", int(seed), int(idx))
+
+
+def _hash64(*parts) -> int:
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+class NoiseStream:
+    """sigma * N(0, I) samples of one shape for one (seed, phase), drawn block by block on `device`."""
+
+    def __init__(self, seed: int, phase: str, shape: Sequence[int], sigma: float, device: torch.device):
+        self.seed, self.phase, self.shape = int(seed), phase, tuple(shape)
+        self.sigma, self.device = float(sigma), torch.device(device)
+        self._generator = torch.Generator(device=self.device)
+        self._block = 0
+        self._buffer: torch.Tensor | None = None  # drawn but not yet handed out
+
+    def _next_block(self) -> torch.Tensor:
+        self._generator.manual_seed(_hash64(self.seed, self.phase, self._block))
+        self._block += 1
+        noise = torch.randn((NOISE_BLOCK, *self.shape), generator=self._generator, device=self.device)
+        return noise.mul_(self.sigma)
+
+    def take(self, m: int) -> torch.Tensor:
+        """The next m samples of the stream, shape (m, *shape)."""
+        parts, have = [], 0
+        if self._buffer is not None:
+            parts, have, self._buffer = [self._buffer], len(self._buffer), None
+        while have < m:
+            block = self._next_block()
+            parts.append(block)
+            have += len(block)
+        noise = parts[0] if len(parts) == 1 else torch.cat(parts)
+        if have > m:
+            self._buffer = noise[m:]
+        return noise[:m]
+
+
+@dataclass
+class Certificate:
+    """One image's CERTIFY outcome, with the counts that justify it."""
+
+    prediction: int
+    radius: float
+    cAHat: int
+    nA: int
+    pABar: float
+    seconds: float
+
+
+class Smooth:
+    """A smoothed classifier g around a base classifier f (an nn.Module on native-space inputs)."""
+
+    ABSTAIN = -1
+
+    def __init__(self, base_classifier: nn.Module, num_classes: int, sigma: float, *, precision: str = "fp32",
+                 channels_last: bool = False, pad_batches: bool = False):
+        """`pad_batches` pads every batch to the full batch size (a fixed shape for torch.compile and
+        CUDA graphs); padded rows are never counted."""
+        if int(num_classes) < 2:
+            raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+        if not float(sigma) > 0:
+            raise ValueError(f"sigma must be > 0, got {sigma}")
+        _check_precision(precision)
+        self.base_classifier = base_classifier
+        self.num_classes = int(num_classes)
+        self.sigma = float(sigma)
+        self.precision = precision
+        self.channels_last = bool(channels_last)
+        self.pad_batches = bool(pad_batches)
+        self.max_batch: int | None = None  # set by the first out-of-memory retry
+
+    # --- the two algorithms -------------------------------------------------------------------
+
+    def certify(self, x: torch.Tensor, n0: int, n: int, alpha: float, batch_size: int, *,
+                seed: int | None = None, precision: str | None = None) -> tuple[int, float]:
+        """Monte Carlo CERTIFY. With probability at least 1 - alpha over the noise, when the returned
+        class is not ABSTAIN, g predicts it at x and everywhere in the L2 ball of the returned radius.
+
+        :param x: one input image (C, H, W) in native pixel space
+        :param n0: samples used to select the top class cAHat
+        :param n: fresh samples used to estimate a lower bound pABar on pA
+        :param alpha: failure probability
+        :param batch_size: samples per forward pass
+        :param seed: the image's noise seed (e.g. `image_seed(run_seed, idx)`); None draws one
+        :return: (predicted class, certified radius), or (ABSTAIN, 0.0)
+        """
+        _check_args(n0=n0, n=n, alpha=alpha, batch_size=batch_size)
+        seed = _fresh_seed() if seed is None else int(seed)
+        with self._precision(precision):
+            counts_selection = self._sample_noise(x, n0, batch_size, seed, SELECTION)
+            cAHat = int(counts_selection.argmax())
+            counts_estimation = self._sample_noise(x, n, batch_size, seed, ESTIMATION)
+        nA = int(counts_estimation[cAHat])
+        pABar = lower_confidence_bound(nA, n, alpha)
+        if pABar < 0.5:
+            return Smooth.ABSTAIN, 0.0
+        return cAHat, radius(self.sigma, pABar)
+
+    def predict(self, x: torch.Tensor, n: int, alpha: float, batch_size: int, *,
+                seed: int | None = None, precision: str | None = None) -> int:
+        """Monte Carlo PREDICT. With probability at least 1 - alpha over the noise, the returned class
+        (when not ABSTAIN) equals g(x).
+
+        :param x: one input image (C, H, W) in native pixel space
+        :param n: number of Monte Carlo samples
+        :param alpha: failure probability of the hypothesis test
+        :param batch_size: samples per forward pass
+        :return: the predicted class, or ABSTAIN
+        """
+        _check_args(n=n, alpha=alpha, batch_size=batch_size)
+        seed = _fresh_seed() if seed is None else int(seed)
+        with self._precision(precision):
+            counts = self._sample_noise(x, n, batch_size, seed, PREDICTION)
+        top2 = np.argsort(-counts, kind="stable")[:2]
+        count1, count2 = int(counts[top2[0]]), int(counts[top2[1]])
+        if binomial_pvalue(count1, count2) > alpha:
+            return Smooth.ABSTAIN
+        return int(top2[0])
+
+    def certify_many(self, xs: Iterable[torch.Tensor], seeds: Iterable[int], n0: int, n: int, alpha: float,
+                     batch_size: int, *, pack: bool = True, precision: str | None = None) -> Iterator[Certificate]:
+        """CERTIFY for a sequence of images, one `Certificate` per image in order.
+
+        Same samples and same answers as calling `certify(x, ..., seed=s)` image by image; with `pack`,
+        the n0 selection samples of up to batch_size // n0 images share one forward pass.
+        """
+        _check_args(n0=n0, n=n, alpha=alpha, batch_size=batch_size)
+        group = max(1, batch_size // n0) if pack else 1
+        pairs = zip(xs, seeds)
+        with self._precision(precision):
+            while chunk := [pair for _, pair in zip(range(group), pairs)]:
+                start = time.perf_counter()
+                selection = self._count([(x, NoiseStream(s, SELECTION, x.shape, self.sigma, self._device(x)), n0)
+                                         for x, s in chunk], batch_size)
+                share = (time.perf_counter() - start) / len(chunk)
+                for (x, seed), counts_selection in zip(chunk, selection):
+                    start = time.perf_counter()
+                    cAHat = int(counts_selection.argmax())
+                    nA = int(self._sample_noise(x, n, batch_size, seed, ESTIMATION)[cAHat])
+                    pABar = lower_confidence_bound(nA, n, alpha)
+                    prediction, r = (cAHat, radius(self.sigma, pABar)) if pABar >= 0.5 else (Smooth.ABSTAIN, 0.0)
+                    yield Certificate(prediction, r, cAHat, nA, pABar, share + time.perf_counter() - start)
+
+    # --- sampling -----------------------------------------------------------------------------
+
+    def _sample_noise(self, x: torch.Tensor, num: int, batch_size: int, seed: int, phase: str) -> np.ndarray:
+        """Class counts of f(x + e) over `num` noise samples of the (seed, phase) stream."""
+        stream = NoiseStream(seed, phase, x.shape, self.sigma, self._device(x))
+        return self._count([(x, stream, num)], batch_size)[0]
+
+    @torch.no_grad()
+    def _count(self, segments: list[tuple[torch.Tensor, NoiseStream, int]], batch_size: int) -> np.ndarray:
+        """Counts (len(segments), num_classes): segment i is `num` samples of f(x_i + stream_i).
+
+        Batches are filled across segment boundaries; the counts stay on the device until the end.
+        """
+        device = self._device(segments[0][0])
+        counts = torch.zeros(len(segments) * self.num_classes, dtype=torch.long, device=device)
+        pieces, filled = [], 0
+        for i, (x, stream, num) in enumerate(segments):
+            x = x.to(device=device, dtype=torch.float32)
+            left = int(num)
+            while left > 0:
+                m = min(left, batch_size - filled)
+                pieces.append((i, x.unsqueeze(0) + stream.take(m)))
+                filled, left = filled + m, left - m
+                if filled == batch_size:
+                    self._count_batch(pieces, counts, batch_size)
+                    pieces, filled = [], 0
+        if pieces:
+            self._count_batch(pieces, counts, batch_size)
+        return counts.view(len(segments), self.num_classes).cpu().numpy()
+
+    def _count_batch(self, pieces: list[tuple[int, torch.Tensor]], counts: torch.Tensor, batch_size: int) -> None:
+        batch = pieces[0][1] if len(pieces) == 1 else torch.cat([p for _, p in pieces])
+        labels = self._classify(batch, batch_size)
+        if len(pieces) > 1:
+            segment = torch.cat([torch.full((len(p),), i, device=labels.device) for i, p in pieces])
+        else:
+            segment = pieces[0][0]
+        counts += torch.bincount(labels + segment * self.num_classes, minlength=len(counts))
+
+    def _classify(self, batch: torch.Tensor, batch_size: int) -> torch.Tensor:
+        """argmax f(batch), split into smaller forward passes after an out-of-memory error.
+
+        Every row of `batch` is classified exactly once in the returned labels, so a retry neither
+        loses nor adds samples.
+        """
+        while True:
+            limit = min(self.max_batch or batch_size, batch_size)
+            try:
+                return torch.cat([self._forward(chunk, limit) for chunk in batch.split(limit)])
+            except torch.OutOfMemoryError:
+                if limit <= 1:
+                    raise
+                self.max_batch = (limit + 1) // 2
+                if batch.device.type == "cuda":
+                    torch.cuda.empty_cache()
+
+    def _forward(self, chunk: torch.Tensor, full: int) -> torch.Tensor:
+        rows = len(chunk)
+        if self.pad_batches and rows < full:
+            chunk = torch.cat([chunk, chunk.new_zeros((full - rows, *chunk.shape[1:]))])
+        if self.channels_last and chunk.dim() == 4:
+            chunk = chunk.contiguous(memory_format=torch.channels_last)
+        with self._autocast(chunk.device):
+            logits = self.base_classifier(chunk)
+        if logits.shape[-1] != self.num_classes:
+            raise ValueError(f"the base classifier returns {logits.shape[-1]} classes, Smooth expects {self.num_classes}")
+        return logits[:rows].argmax(dim=1)
+
+    # --- helpers ------------------------------------------------------------------------------
+
+    def _device(self, x: torch.Tensor) -> torch.device:
+        for tensor in (*self.base_classifier.parameters(), *self.base_classifier.buffers()):
+            return tensor.device
+        return x.device
+
+    @contextlib.contextmanager
+    def _precision(self, precision: str | None):
+        previous = self.precision
+        if precision is not None:
+            _check_precision(precision)
+            self.precision = precision
+        try:
+            yield
+        finally:
+            self.precision = previous
+
+    def _autocast(self, device: torch.device):
+        dtype = PRECISIONS[self.precision]
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _fresh_seed() -> int:
+    return int(torch.randint(0, 2**62, (1,)).item())
+
+
+def _check_precision(precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision} is not allowed (choose from: {', '.join(PRECISIONS)})")
+
+
+def _check_args(**args) -> None:
+    """Cohen's arguments, checked before any sampling."""
+    for key in ("n0", "n", "batch_size"):
+        if key in args and not (isinstance(args[key], (int, np.integer)) and args[key] >= 1):
+            raise ValueError(f"{key} must be an integer >= 1, got {args[key]!r}")
+    alpha = args.get("alpha")
+    if alpha is not None and not (isinstance(alpha, (int, float)) and 0.0 < alpha < 1.0 and math.isfinite(alpha)):
+        raise ValueError(f"alpha must lie in (0, 1), got {alpha!r}")

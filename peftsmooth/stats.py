@@ -1,0 +1,41 @@
+"""The three numbers behind a randomized-smoothing certificate (Cohen et al. 2019, DESIGN.md section 2).
+
+- `lower_confidence_bound(nA, n, alpha)`: the one-sided (1 - alpha) Clopper-Pearson lower bound on pA
+  from nA successes out of n, i.e. the alpha quantile of Beta(nA, n - nA + 1), and 0 when nA = 0.
+  (Cohen's code calls `proportion_confint(nA, n, alpha=2*alpha, method="beta")[0]`: the same number.)
+- `binomial_pvalue(c1, c2)`: the two-sided binomial test of c1 out of c1 + c2 at p = 1/2 (PREDICT).
+- `radius(sigma, pABar)`: sigma * Phi^-1(pABar), the certified L2 radius.
+"""
+
+from __future__ import annotations
+
+import math
+
+from scipy.stats import beta, binomtest, norm
+
+
+def lower_confidence_bound(nA: int, n: int, alpha: float) -> float:
+    """P(pA >= returned value) >= 1 - alpha over the draw of nA ~ Binomial(n, pA)."""
+    nA, n = int(nA), int(n)
+    if not 0 <= nA <= n or n < 1:
+        raise ValueError(f"need 0 <= nA <= n and n >= 1, got nA={nA}, n={n}")
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha must lie in (0, 1), got {alpha}")
+    if nA == 0:
+        return 0.0
+    return float(beta.ppf(alpha, nA, n - nA + 1))
+
+
+def binomial_pvalue(c1: int, c2: int) -> float:
+    """Two-sided p-value of 'c1 out of c1 + c2 at p = 1/2'; 1.0 when there are no counts at all."""
+    c1, c2 = int(c1), int(c2)
+    if c1 + c2 == 0:
+        return 1.0
+    return float(binomtest(c1, c1 + c2, p=0.5).pvalue)
+
+
+def radius(sigma: float, pABar: float) -> float:
+    """The certified L2 radius sigma * Phi^-1(pABar); only meaningful for pABar > 1/2."""
+    if pABar >= 1.0:
+        return math.inf
+    return float(sigma * norm.ppf(pABar))
