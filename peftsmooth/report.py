@@ -281,7 +281,7 @@ def certification_row(cert: Certification, radius_grid: Sequence[float], info: d
     use_summary = cert.complete and cert.num_shards == 1 and bool(cert.summary)
     predict_only = summary.get("mode") == "predict"
     row = {
-        "method": summary.get("method") or info.get("method") or "none",
+        "method": _method_label(summary, info),
         "model": summary.get("model_name") or info.get("model_name") or _model_label(info),
         "dataset": summary.get("dataset") or (info.get("dataset") or {}).get("name"),
         "sigma": _first(summary.get("sigma"), info.get("sigma")),
@@ -314,6 +314,16 @@ def _cert_time(cert: Certification, tsv_time: float) -> float:
         if all(t is not None for t in times):
             return float(sum(times))
     return tsv_time
+
+
+def _method_label(summary: dict, info: dict) -> str:
+    """The method; a run certified at another sigma than it was trained at says so
+    (e.g. the clean base `full (trained sigma=0)` certified at 0.5: the no-adaptation baseline)."""
+    method = summary.get("method") or info.get("method") or "none"
+    trained, certified = info.get("sigma"), summary.get("sigma")
+    if trained is not None and certified is not None and not math.isclose(float(trained), float(certified)):
+        method = f"{method} (trained sigma={float(trained):g})"
+    return method
 
 
 def _model_label(info: dict) -> str | None:
@@ -447,7 +457,7 @@ def rich_table(report: Report):
 
 def _curve_label(cert: Certification, info: dict) -> tuple[str, float | None]:
     summary = cert.summary or {}
-    method = summary.get("method") or info.get("method") or "none"
+    method = _method_label(summary, info)
     model = summary.get("model_name") or info.get("model_name") or _model_label(info)
     sigma = _first(summary.get("sigma"), info.get("sigma"))
     return f"{method} ({model})", sigma

@@ -269,3 +269,10 @@ def test_report_bad_input_is_one_line(tmp_path, args, needle):
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("peftsmooth report: error:") and needle in lines[0], proc.stderr
+
+
+def test_run_certified_at_another_sigma_is_labelled(tmp_path):
+    base = make_run(tmp_path, "full_vit_tiny_digits_sigma0", method="full", sigma=0)
+    make_cert(base, base / "certify" / "cohen_sigma0.5_n1000", rows_for(1, 8), method="full", sigma=0.5)
+    row, = build_report([tmp_path], GRID).rows
+    assert row["method"] == "full (trained sigma=0)" and row["sigma"] == 0.5
