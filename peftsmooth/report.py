@@ -164,8 +164,10 @@ def _walk(dirs: Sequence[Path]) -> tuple[list[Path], list[Path]]:
 
 def _shard_of(path: Path, summary: dict | None) -> tuple[int, int] | None:
     """(shard, num_shards) of a certification directory, from its summary or its name."""
-    if summary and int(summary.get("num_shards") or 1) > 1:
-        return int(summary.get("shard") or 0), int(summary["num_shards"])
+    if summary and summary.get("shard") is not None and int(summary.get("num_shards") or 1) > 1:
+        return int(summary["shard"]), int(summary["num_shards"])
+    if summary and summary.get("shards"):  # a merged result (`peftsmooth merge`) is one certification
+        return None
     m = _SHARD_TOKEN.search(path.name)
     if m and m.group(2):
         return int(m.group(1)), int(m.group(2))

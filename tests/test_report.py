@@ -64,7 +64,7 @@ def write_tsv(path: Path, rows, cohen_time=False, torn=False):
 
 
 def make_cert(run: Path | None, where: Path, rows, sigma=0.5, method="lora", complete=True,
-              summary=True, shard=None, num_shards=None, mode="cohen", **tsv_kw) -> Path:
+              summary=True, shard=None, num_shards=None, mode="cohen", extra=None, **tsv_kw) -> Path:
     where.mkdir(parents=True)
     write_tsv(where / "certify.tsv", rows, **tsv_kw)
     if summary:
@@ -79,6 +79,7 @@ def make_cert(run: Path | None, where: Path, rows, sigma=0.5, method="lora", com
              "elapsed_seconds": 12.5, "complete": complete}
         if shard is not None:
             s.update(shard=shard, num_shards=num_shards)
+        s.update(extra or {})
         (where / "summary.json").write_text(json.dumps(s))
     return where
 
@@ -120,7 +121,7 @@ def sweep(tmp_path):
               summary=False, torn=True)                                     # killed mid-way: no summary
     shard_run = make_run(root / "train", "linear_vit_tiny_digits_sigma0.5", method="linear", trainable=330)
     for s in range(2):  # shard s certifies images s, s+2, s+4, ...
-        make_cert(shard_run, shard_run / "certify" / f"cohen_sigma0.5_n1000_shard{s}of2",
+        make_cert(shard_run, shard_run / "certify" / "cohen_sigma0.5_n1000" / f"shard{s}of2",
                   rows_for(3, 15, start=s, step=2), method="linear", shard=s, num_shards=2)
     make_run(root / "train", "ia3_vit_tiny_digits_sigma0.5", method="ia3")     # not certified yet
     make_run(root / "train", "oft_vit_tiny_digits_sigma0.5", method="oft", finished=False)
@@ -188,9 +189,11 @@ def test_report_missing_shard_is_partial(tmp_path):
 
 def test_report_prefers_merged_result_over_its_shards(tmp_path):
     run = make_run(tmp_path, "r", method="linear")
-    merged = make_cert(run, run / "certify" / "cohen_sigma0.5_n1000", rows_for(3, 6))
+    shards = [str(run / "certify" / "cohen_sigma0.5_n1000" / f"shard{s}of2") for s in range(2)]
+    merged = make_cert(run, run / "certify" / "cohen_sigma0.5_n1000", rows_for(3, 6),
+                       extra={"shard": None, "num_shards": 2, "shards": shards})  # as `peftsmooth merge` writes
     for s in range(2):
-        make_cert(run, merged / f"shard{s}of2", rows_for(3, 3, start=s, step=2), shard=s, num_shards=2)
+        make_cert(run, Path(shards[s]), rows_for(3, 3, start=s, step=2), shard=s, num_shards=2)
     row, = build_report([tmp_path], GRID).rows
     assert row["status"] == "complete" and row["certification"] == str(merged.resolve())
 
