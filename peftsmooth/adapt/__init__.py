@@ -29,3 +29,24 @@ class NoAdaptation:
 
     def load(self, classifier: nn.Module, run_dir: Path) -> nn.Module:
         return classifier
+
+
+def build_adaptation(cfg):
+    """Instantiate the adaptation object of a `peft` config (its `_target_`); errors are UserErrors."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    from peftsmooth.errors import UserError
+
+    if not cfg or "_target_" not in cfg:
+        raise UserError("peft config has no _target_ (choose peft=<one of conf/peft/*.yaml>)")
+    try:
+        return instantiate(cfg, _convert_="all")
+    except InstantiationException as err:
+        cause = err.__cause__
+        while cause is not None and not isinstance(cause, UserError) and cause.__cause__ is not None:
+            cause = cause.__cause__
+        if isinstance(cause, UserError):
+            raise cause from None
+        detail = str(cause or err).strip().splitlines()
+        raise UserError(f"peft._target_={cfg['_target_']}: {detail[0] if detail else type(err).__name__}") from err

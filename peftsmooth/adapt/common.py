@@ -1,0 +1,90 @@
+"""Shared pieces of the adaptation methods: the head's name, freezing, and saving what was trained."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch.nn as nn
+
+from peftsmooth.errors import UserError
+from peftsmooth.models import classifier_name, load_state_dict_file, save_state_dict_file
+
+BUFFERS_FILE = "buffers.safetensors"
+
+
+def head_module_name(classifier: nn.Module) -> str:
+    """Name of the classification head inside a BaseClassifier, e.g. 'backbone.head' (timm pretrained_cfg)."""
+    return "backbone." + classifier_name(classifier.backbone)
+
+
+def set_trainable(module: nn.Module, flag: bool) -> None:
+    for p in module.parameters():
+        p.requires_grad_(flag)
+
+
+def persistent_buffers(model: nn.Module) -> dict:
+    """Buffers saved in the state dict (e.g. BatchNorm running statistics), which training may change."""
+    names = {n for n, _ in model.named_buffers()}
+    return {k: v for k, v in model.state_dict().items() if k in names}
+
+
+def save_buffers(model: nn.Module, run_dir: Path) -> list[str]:
+    """Write the persistent buffers (if the model has any) so that a reload is exact."""
+    buffers = persistent_buffers(model)
+    if not buffers:
+        return []
+    save_state_dict_file(buffers, Path(run_dir) / BUFFERS_FILE)
+    return [BUFFERS_FILE]
+
+
+def load_buffers(model: nn.Module, run_dir: Path) -> None:
+    path = Path(run_dir) / BUFFERS_FILE
+    if path.is_file():
+        result = model.load_state_dict(load_state_dict_file(path), strict=False)
+        if result.unexpected_keys:
+            raise UserError(f"{path} does not fit the model (unexpected {result.unexpected_keys[:2]})")
+
+
+class ModuleAdaptation:
+    """Base for our own methods: freeze the classifier, add/unfreeze some modules, train those.
+
+    Subclasses implement `insert(classifier)` (add modules, mark what trains). Saved as one
+    safetensors file of the trainable parameters and persistent buffers; loading re-applies the
+    method to a fresh classifier and fills in those tensors.
+    """
+
+    name = "module"
+    trains = True
+    weights_file = "adapter.safetensors"
+    train_head = True
+
+    def insert(self, classifier: nn.Module) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def apply(self, classifier: nn.Module) -> nn.Module:
+        set_trainable(classifier, False)
+        self.insert(classifier)
+        if self.train_head:
+            set_trainable(classifier.get_submodule(head_module_name(classifier)), True)
+        return classifier
+
+    def save(self, model: nn.Module, run_dir: Path) -> list[str]:
+        trained = {n for n, p in model.named_parameters() if p.requires_grad}
+        state = {k: v for k, v in model.state_dict().items() if k in trained}
+        state.update(persistent_buffers(model))
+        save_state_dict_file(state, Path(run_dir) / self.weights_file)
+        return [self.weights_file]
+
+    def load(self, classifier: nn.Module, run_dir: Path) -> nn.Module:
+        path = Path(run_dir) / self.weights_file
+        if not path.is_file():
+            raise UserError(f"run={run_dir} has no {self.weights_file} (was the training finished?)")
+        model = self.apply(classifier)
+        state = load_state_dict_file(path)
+        expected = {n for n, p in model.named_parameters() if p.requires_grad}
+        missing = sorted(expected - set(state))
+        result = model.load_state_dict(state, strict=False)
+        if missing or result.unexpected_keys:
+            raise UserError(f"{path} does not fit peft={self.name} on this model "
+                            f"(missing {missing[:2]}, unexpected {result.unexpected_keys[:2]})")
+        return model

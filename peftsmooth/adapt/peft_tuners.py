@@ -1,0 +1,121 @@
+"""The `peft` library's tuners (LoRA, LoHa, LoKr, IA3, OFT, BOFT, VeRA) on a BaseClassifier.
+
+`get_peft_model` wraps the whole BaseClassifier, so module names start with `backbone.`; the
+default `target_modules` of conf/peft/*.yaml is a full-match regex over the transformer blocks'
+linears (`backbone.blocks.N.attn.qkv|proj`, `backbone.blocks.N.mlp.fc1|fc2`), which leaves the
+patch-embedding conv alone (a suffix list like ["proj"] would also catch `patch_embed.proj`). The
+new classification head is trained fully through `modules_to_save`. The result is saved in peft's
+own format (adapter_config.json + adapter_model.safetensors), loadable with
+`PeftModel.from_pretrained(build_classifier(...), run_dir)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import re
+from pathlib import Path
+
+import torch.nn as nn
+
+from peftsmooth.adapt.common import head_module_name, load_buffers, save_buffers
+from peftsmooth.errors import UserError
+
+ADAPTER_FILES = ["adapter_config.json", "adapter_model.safetensors"]
+RANK_KEYS = ("r", "boft_block_size", "boft_block_num", "oft_block_size")
+
+
+def _config_class(path: str):
+    module, _, name = str(path).rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise UserError(f"peft.config_class={path} is not importable (e.g. peft.LoraConfig)") from err
+    if not dataclasses.is_dataclass(cls):
+        raise UserError(f"peft.config_class={path} is not a peft config class (e.g. peft.LoraConfig)")
+    return cls
+
+
+def matching_modules(model: nn.Module, target) -> list[str]:
+    """Module names that `target_modules` selects, with peft's rules (str: full-match regex; list: name or suffix)."""
+    names = [n for n, _ in model.named_modules() if n]
+    if isinstance(target, str):
+        return [n for n in names if re.fullmatch(target, n)]
+    targets = list(target or [])
+    return [n for n in names if any(n == t or n.endswith("." + t) for t in targets)]
+
+
+class PeftTuner:
+    """One `peft` tuner, configured by `config_class` (e.g. peft.LoraConfig) and its options."""
+
+    trains = True
+
+    def __init__(self, name: str, config_class: str, **options):
+        self.name = str(name)
+        self.config_class = _config_class(config_class)
+        known = {f.name for f in dataclasses.fields(self.config_class)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise UserError(f"peft.{unknown[0]} is not an option of {self.config_class.__name__} "
+                            f"(options: {', '.join(sorted(k for k in known if not k.startswith('_')))})")
+        for key in RANK_KEYS:
+            value = options.get(key)
+            if value is not None and key == "r" and int(value) <= 0:
+                raise UserError(f"peft.r={value} must be a positive integer (the adapter rank)")
+            if value is not None and int(value) < 0:
+                raise UserError(f"peft.{key}={value} must be >= 0")
+        self.options = dict(options)
+        try:
+            self.config_class(**self._options("backbone.head"))  # validate now, before any work
+        except (ValueError, TypeError) as err:
+            raise UserError(f"peft={self.name}: invalid options ({str(err).splitlines()[0]})") from err
+
+    def _options(self, head: str) -> dict:
+        options = {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.options.items()}
+        options.setdefault("modules_to_save", [head])
+        return options
+
+    def peft_config(self, classifier: nn.Module):
+        head = head_module_name(classifier)
+        options = self._options(head)
+        for key in ("target_modules", "feedforward_modules"):
+            target = options.get(key)
+            if target is not None and not matching_modules(classifier, target):
+                raise UserError(
+                    f"peft.{key}={target} matches no module of {type(classifier.backbone).__name__} "
+                    f"(module names look like {', '.join(self._examples(classifier))})")
+        return self.config_class(**options)
+
+    @staticmethod
+    def _examples(classifier: nn.Module) -> list[str]:
+        linears = [n for n, m in classifier.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+        return linears[:3] + (["..."] if len(linears) > 3 else [])
+
+    def apply(self, classifier: nn.Module) -> nn.Module:
+        from peft import get_peft_model
+
+        config = self.peft_config(classifier)
+        try:
+            model = get_peft_model(classifier, config)
+        except ValueError as err:
+            raise UserError(f"peft={self.name}: {str(err).splitlines()[0]}") from err
+        return model
+
+    def save(self, model: nn.Module, run_dir: Path) -> list[str]:
+        run_dir = Path(run_dir)
+        had_readme = (run_dir / "README.md").exists()
+        model.save_pretrained(str(run_dir))
+        if not had_readme and (run_dir / "README.md").exists():
+            (run_dir / "README.md").unlink()  # peft's model card: not ours to ship
+        return ADAPTER_FILES + save_buffers(model, run_dir)
+
+    def load(self, classifier: nn.Module, run_dir: Path) -> nn.Module:
+        from peft import PeftModel
+
+        run_dir = Path(run_dir)
+        missing = [f for f in ADAPTER_FILES if not (run_dir / f).is_file()]
+        if missing:
+            raise UserError(f"run={run_dir} has no {missing[0]} (was the training finished?)")
+        model = PeftModel.from_pretrained(classifier, str(run_dir))
+        load_buffers(model, run_dir)
+        return model
