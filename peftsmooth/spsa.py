@@ -73,11 +73,15 @@ def spsa_gradient(loss_fn: LossFn, theta: torch.Tensor, c: float, pairs: int,
 
 
 class SPSA:
-    """SPSA-GC on a flat parameter vector; `step(loss_fn, theta)` returns the next theta."""
+    """SPSA-GC on a flat parameter vector; `step(loss_fn, theta)` returns the next theta.
 
-    def __init__(self, config: SPSAConfig, generator: torch.Generator | None = None):
+    The perturbations of step k come from a generator seeded with (seed, k), so a run resumed from
+    `state_dict()` draws exactly what the uninterrupted run would have drawn.
+    """
+
+    def __init__(self, config: SPSAConfig, seed: int = 0):
         self.config = config
-        self.generator = generator
+        self.seed = int(seed)
         self.k = 0                                   # steps taken
         self.m: torch.Tensor | None = None           # momentum (same shape as theta)
         self.evaluations = 0                         # loss evaluations so far
@@ -94,7 +98,8 @@ class SPSA:
         if self.m is None:
             self.m = torch.zeros_like(theta)
         beta = self.config.momentum
-        g_hat, loss = spsa_gradient(loss_fn, theta + beta * self.m, c_k, self.config.pairs, self.generator)
+        generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self.k) % 2**63)
+        g_hat, loss = spsa_gradient(loss_fn, theta + beta * self.m, c_k, self.config.pairs, generator)
         self.m = beta * self.m - a_k * g_hat
         self.evaluations += 2 * self.config.pairs
         return theta + self.m, {"loss": loss, "a_k": a_k, "c_k": c_k, "grad_norm": float(g_hat.norm())}
@@ -103,4 +108,5 @@ class SPSA:
         return {"k": self.k, "m": self.m, "evaluations": self.evaluations}
 
     def load_state_dict(self, state: dict) -> None:
-        self.k, self.m, self.evaluations = int(state["k"]), state["m"], int(state["evaluations"])
+        self.k, self.evaluations = int(state["k"]), int(state["evaluations"])
+        self.m = None if state["m"] is None else state["m"].clone()

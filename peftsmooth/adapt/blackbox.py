@@ -1,0 +1,210 @@
+"""Black-box PEFTSmoothing: a coordinator in front of a sealed classifier (BlackVIP, Oh et al. 2023).
+
+The classifier's weights and gradients are off limits; only its output probabilities can be
+queried. `apply` seals the classifier (all weights frozen, always in eval mode) and installs a
+`Coordinator` as `classifier.front`, so the trained model is f(x) = classifier(coordinator(x)) and
+`certify` treats it as one base classifier.
+
+- `peft=blackbox` (`BlackBoxSPSA`): zeroth-order. `training_step` estimates the coordinator's
+  gradient with SPSA-GC from cross-entropy values of the classifier's probabilities, obtained only
+  through a `QueryOracle` (no_grad, detached, counted): a gradient cannot reach the classifier.
+- `peft=blackbox_fo` (`WhiteBoxCoordinator`): the same coordinator trained by the shared loop with
+  true gradients through the frozen classifier: what the zeroth-order estimate costs.
+
+Both count classifier queries (images sent to the classifier during training) and report them in
+`training_step`'s result / `extra_run_info()`.
+"""
+
+from __future__ import annotations
+
+import types
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from peftsmooth.coordinator import Coordinator
+from peftsmooth.errors import UserError, require
+from peftsmooth.spsa import SPSA, SPSAConfig
+
+WEIGHTS_FILE = "coordinator.safetensors"
+
+
+def _always_eval(self: nn.Module, mode: bool = True) -> nn.Module:
+    return nn.Module.train(self, False)
+
+
+def seal(classifier: nn.Module) -> nn.Module:
+    """Freeze every weight of the classifier and pin its backbone to eval mode (a sealed API)."""
+    for p in classifier.parameters():
+        p.requires_grad_(False)
+    backbone = getattr(classifier, "backbone", classifier)
+    for module in backbone.modules():   # model.train() elsewhere must not update batch-norm statistics
+        module.train = types.MethodType(_always_eval, module)
+        nn.Module.train(module, False)
+    return classifier
+
+
+def bare_classifier(classifier: nn.Module):
+    """The classifier without its front module: native image -> logits (what the black box is)."""
+    if hasattr(classifier, "backbone") and hasattr(classifier, "preprocess"):
+        return lambda x: classifier.backbone(classifier.preprocess(x))
+    return classifier
+
+
+class QueryOracle:
+    """Query-only access to a classifier: probabilities for a batch, under no_grad, counted.
+
+    Not an nn.Module on purpose: the classifier does not show up among anyone's parameters through
+    it. Inputs are detached and outputs carry no graph, so no gradient can flow into (or out of) it.
+    """
+
+    def __init__(self, classify, num_classes: int):
+        self._classify = classify
+        self.num_classes = int(num_classes)
+        self.queries = 0
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            logits = self._classify(x.detach())
+        if logits.dim() != 2 or logits.shape != (x.shape[0], self.num_classes):
+            raise UserError(f"the classifier returns shape {tuple(logits.shape)} for {x.shape[0]} images, not a vector of "
+                            f"dataset.num_classes={self.num_classes} class scores per image")
+        self.queries += int(x.shape[0])
+        return logits.float().softmax(dim=-1).detach()
+
+
+def _device(module: nn.Module) -> torch.device:
+    return next(iter(module.parameters()), torch.zeros(0)).device
+
+
+class _CoordinatorAdaptation:
+    """Shared part: build/install/save/load the coordinator in front of a sealed classifier."""
+
+    name = "coordinator"
+    trains = True
+
+    def __init__(self, num_classes: int, image_size, coordinator: dict | None = None, seed: int = 0, **_):
+        require(int(num_classes) >= 2, f"num_classes={num_classes} must be >= 2")
+        self.num_classes = int(num_classes)
+        self.image_size = [int(v) for v in image_size]
+        self.coordinator_cfg = dict(coordinator or {})
+        self.seed = int(seed)
+        self.queries = 0
+
+    def build_coordinator(self) -> Coordinator:
+        cfg = dict(self.coordinator_cfg)
+        encoder = dict(cfg.pop("encoder", None) or {})
+        return Coordinator(self.image_size, encoder=encoder, **cfg)
+
+    def _check_output(self, classifier: nn.Module) -> None:
+        """One probe query before any training: the classifier must output num_classes scores."""
+        probe = QueryOracle(bare_classifier(classifier), self.num_classes)
+        probe(torch.zeros(1, *self.image_size, device=_device(classifier)))
+
+    def apply(self, classifier: nn.Module) -> nn.Module:
+        seal(classifier)
+        self._check_output(classifier)
+        torch.manual_seed(self.seed)
+        classifier.front = self.build_coordinator().to(_device(classifier))
+        return classifier
+
+    def save(self, model: nn.Module, run_dir: Path) -> list[str]:
+        from peftsmooth.models import save_state_dict_file
+
+        save_state_dict_file(model.front.trainable_state_dict(), Path(run_dir) / WEIGHTS_FILE)
+        return [WEIGHTS_FILE]
+
+    def load(self, classifier: nn.Module, run_dir: Path) -> nn.Module:
+        from peftsmooth.models import load_state_dict_file
+
+        seal(classifier)
+        coordinator = self.build_coordinator()
+        coordinator.load_trainable_state_dict(load_state_dict_file(Path(run_dir) / WEIGHTS_FILE))
+        classifier.front = coordinator.to(_device(classifier))
+        return classifier
+
+    def extra_run_info(self) -> dict:
+        """Fields for run.json: classifier queries spent in training."""
+        return {"queries": self.queries}
+
+
+class WhiteBoxCoordinator(_CoordinatorAdaptation):
+    """`peft=blackbox_fo`: the coordinator trained by backpropagation through the frozen classifier.
+
+    The shared loop does the training; queries are counted with a hook on the classifier's backbone
+    (every image that goes through it while gradients are on, i.e. in training).
+    """
+
+    name = "blackbox_fo"
+
+    def apply(self, classifier: nn.Module) -> nn.Module:
+        classifier = super().apply(classifier)
+        target = getattr(classifier, "backbone", classifier)
+
+        def count(_module, args):
+            if torch.is_grad_enabled():
+                self.queries += int(args[0].shape[0])
+
+        target.register_forward_pre_hook(count)
+        return classifier
+
+
+class BlackBoxSPSA(_CoordinatorAdaptation):
+    """`peft=blackbox`: the coordinator trained by SPSA-GC from classifier probabilities only."""
+
+    name = "blackbox"
+
+    def __init__(self, num_classes: int, image_size, coordinator: dict | None = None, spsa: dict | None = None,
+                 seed: int = 0, **kwargs):
+        super().__init__(num_classes, image_size, coordinator, seed, **kwargs)
+        self.spsa_config = SPSAConfig(**dict(spsa or {}))   # validates: UserError before any work
+        self.optimizer: SPSA | None = None
+        self.oracle: QueryOracle | None = None
+
+    def apply(self, classifier: nn.Module) -> nn.Module:
+        classifier = super().apply(classifier)
+        self.oracle = QueryOracle(bare_classifier(classifier), self.num_classes)
+        self.optimizer = SPSA(self.spsa_config, seed=self.seed)
+        return classifier
+
+    def training_step(self, model: nn.Module, x_noisy: torch.Tensor, y: torch.Tensor) -> dict:
+        """One SPSA-GC update of the coordinator's trainable parameters; no backward pass anywhere.
+
+        Returns what the shared loop logs: `loss` (mean of the 2q perturbed losses), `correct`
+        (argmax of the mean perturbed probabilities; the perturbations are small) and `queries`
+        (images sent to the classifier in this step; the loop sums it per epoch).
+        """
+        require(self.oracle is not None, "BlackBoxSPSA.training_step called before apply()")
+        coordinator = model.front
+        params = [p for p in coordinator.parameters() if p.requires_grad]
+        before = self.oracle.queries
+        mean_probs = torch.zeros(len(y), self.num_classes, device=y.device)
+
+        def loss_fn(theta: torch.Tensor) -> float:
+            nonlocal mean_probs
+            torch.nn.utils.vector_to_parameters(theta, params)
+            with torch.no_grad():
+                probs = self.oracle(coordinator(x_noisy))
+            mean_probs = mean_probs + probs
+            return float(F.nll_loss(probs.clamp_min(1e-12).log(), y))
+
+        with torch.no_grad():
+            theta = torch.nn.utils.parameters_to_vector(params).detach().clone()
+            theta, info = self.optimizer.step(loss_fn, theta)
+            torch.nn.utils.vector_to_parameters(theta, params)
+        self.queries = self.oracle.queries
+        return {"loss": info["loss"], "correct": int((mean_probs.argmax(1) == y).sum()),
+                "queries": self.oracle.queries - before}
+
+    def state_dict(self) -> dict:
+        """SPSA state for resuming (step counter, momentum, query count)."""
+        return {"spsa": self.optimizer.state_dict() if self.optimizer else None, "queries": self.queries}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("spsa") is not None and self.optimizer is not None:
+            self.optimizer.load_state_dict(state["spsa"])
+        self.queries = int(state.get("queries", 0))
+        if self.oracle is not None:
+            self.oracle.queries = self.queries
