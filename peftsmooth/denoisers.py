@@ -349,7 +349,6 @@ class PretrainedDiffusion:
     trains = False
 
     def __init__(self, pretrained: str, sigma: float, image_size=None, subfolder: str | None = None, **options):
-        require_diffusers()
         self.pretrained = str(pretrained)
         self.sigma = float(sigma)
         self.image_size = image_size
@@ -357,9 +356,11 @@ class PretrainedDiffusion:
         self.options = options
 
     def build(self) -> nn.Module:
+        """The one-shot denoiser; a missing `diffusers` or a model of the wrong size is a UserError."""
         unet, alphas_cumprod = load_diffusion(self.pretrained, self.subfolder)
         if self.image_size is not None:
             check_image_size(unet, self.image_size, self.pretrained)
+        unet.requires_grad_(False)
         return OneShotDiffusion(unet.eval(), alphas_cumprod, self.sigma)
 
     def save(self, denoiser: nn.Module, run_dir: Path) -> list[str]:

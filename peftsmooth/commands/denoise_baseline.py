@@ -165,13 +165,13 @@ def run_denoise_baseline(cfg) -> dict:
     sigma = float(cfg.sigma)
 
     # --- everything that can be wrong is checked before any work
-    front = instantiate(cfg.denoiser)  # ddpm: fails here without diffusers
+    seed_everything(int(cfg.seed))  # the denoiser's initialization
+    front = instantiate(cfg.denoiser)
     trains = bool(getattr(front, "trains", True))
     objective = get_objective(str(cfg.denoiser.objective)) if trains else None
     settings = TrainSettings.from_cfg(cfg.train) if trains else None
     base = _base_info(cfg)
-    seed_everything(int(cfg.seed))
-    denoiser = front.build()  # ddpm: loads the model and checks its image size against the dataset
+    denoiser = front.build()  # ddpm: checks for diffusers, loads the model, checks its image size
     classifier, fields = _classifier(cfg, base)
 
     name = _choice("denoiser", type(denoiser).__name__.lower())
