@@ -22,7 +22,7 @@ log = logging.getLogger("peftsmooth.train")
 
 INIT_FILE = "init.safetensors"
 # Keys that may change between a run and its resumption (they do not change the numbers).
-RESUME_FREE = ("resume", "device", "train.num_workers", "train.eval_batch_size")
+RESUME_FREE = ("hydra", "resume", "device", "train.num_workers", "train.eval_batch_size")
 
 
 def _choice(group: str, default):
@@ -57,7 +57,9 @@ def resolve_run_dir(cfg) -> Path:
         require((run_dir / "checkpoint.pt").is_file() or (run_dir / "run.json").is_file(),
                 f"resume={cfg.resume} is not a train run directory (no checkpoint.pt or run.json)")
         return run_dir.resolve()
-    return output_dir().resolve()
+    run_dir = output_dir().resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
 
 
 def resolve_model(cfg):
@@ -105,6 +107,8 @@ def run_train(cfg) -> dict:
     objective = build_objective(loss_name, **dict(to_plain(cfg.train.get(loss_name)) or {}))
     adapt = build_adaptation(cfg.peft)
     device = resolve_device(cfg.device)
+    require(settings.precision != "fp16" or device.type == "cuda",
+            f"train.precision=fp16 needs a GPU (device is {device}); use bf16 or fp32")
     dist_info = init_distributed(device)
     mine = output_dir().resolve()
     run_dir = broadcast_object(resolve_run_dir(cfg), dist_info)
