@@ -22,9 +22,11 @@ CURVE_PNG = "curve.png"
 HEADER = ("idx", "label", "predict", "radius", "correct", "time")
 RADIUS_DECIMALS = 6  # radii are written rounded DOWN, so the file never claims more than was certified
 
-# Keys that must agree between a TSV's rows and the run that appends to it (or shards being merged):
-# rows certified under different settings are not one certification.
-IDENTITY_KEYS = ("mode", "n0", "n", "alpha", "sigma", "seed", "precision", "dataset", "skip", "start", "max")
+# Keys that give a TSV row its meaning: a run may only append to rows certified with the same values.
+# (The noise of image idx depends only on (seed, idx), so the image selection may grow on resume.)
+IDENTITY_KEYS = ("mode", "n0", "n", "alpha", "sigma", "seed", "precision", "dataset")
+# Shards being merged must also share the image selection they split.
+SELECTION_KEYS = ("skip", "start", "max")
 
 
 def shard_dir_name(shard: int, num_shards: int) -> str:
@@ -228,7 +230,7 @@ def merge_shards(shard_dirs: Sequence[Path]) -> tuple[list[dict], dict]:
     summaries = [(_read_summary(d) or {}) for d in shard_dirs]
     reference = summaries[0]
     for d, s in zip(shard_dirs, summaries):
-        for key in (*IDENTITY_KEYS, "num_shards"):
+        for key in (*IDENTITY_KEYS, *SELECTION_KEYS, "num_shards"):
             if s.get(key) != reference.get(key):
                 raise UserError(f"dirs: {d} has {key}={s.get(key)} but {shard_dirs[0]} has {reference.get(key)}; "
                                 f"only shards of one certification can be merged")

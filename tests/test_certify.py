@@ -201,3 +201,13 @@ def test_torchrun_two_processes_merge_into_the_single_run(run_dir, reference, tm
     merged = json.loads((tmp_path / "summary.json").read_text())
     assert merged["acr"] == summary["acr"] and merged["merged_shards"] == 2 and merged["complete"]
     assert (tmp_path / "shard0of2" / "certify.tsv").is_file() and (tmp_path / "shard1of2" / "certify.tsv").is_file()
+
+
+def test_resume_may_extend_the_selection(run_dir, reference, tmp_path):
+    out, summary = reference
+    run_certify(compose("certify", [f"run={run_dir}", *SMALL, "certify.max=2"], run_dir=tmp_path))
+    extended = run_certify(compose("certify", [f"run={run_dir}", *SMALL], run_dir=tmp_path))
+    assert rows_without_time(tmp_path / "certify.tsv") == rows_without_time(out / "certify.tsv")
+    assert extended["acr"] == summary["acr"] and extended["complete"]
+    with pytest.raises(UserError, match="selection"):
+        run_certify(compose("certify", [f"run={run_dir}", *SMALL, "certify.max=1"], run_dir=tmp_path))

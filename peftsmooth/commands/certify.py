@@ -300,15 +300,13 @@ def run_certify(cfg) -> dict:
     }
     if s.num_shards > 1:
         meta.update(shard=s.shard, num_shards=s.num_shards)
-    done = _resume_rows(out, meta)
     wanted = set(indices)
-    rows = [r for r in done if r["idx"] in wanted]
+    rows = _resume_rows(out, meta, wanted)
     todo = [i for i in indices if i not in {r["idx"] for r in rows}]
     results.write_results(out, rows, s.radius_grid, **meta)  # settings on disk before the first row
 
     _run_loop(g, dataset, todo, s, int(cfg.seed), batch_size, out, total=len(indices), rows=rows, show=rank == 0)
-    final = [r for r in results.read_tsv(out / results.TSV_FILE) if r["idx"] in wanted]
-    summary = results.write_results(out, final, s.radius_grid, **meta)
+    summary = results.write_results(out, results.read_tsv(out / results.TSV_FILE), s.radius_grid, **meta)
     if g.max_batch:
         log.info("out-of-memory retries: batches of at most %d", g.max_batch)
     if world > 1:
@@ -342,8 +340,9 @@ def _run_loop(g, dataset, todo, s: Settings, seed, batch_size, out: Path, total:
     return new
 
 
-def _resume_rows(out: Path, meta: dict) -> list[dict]:
-    """Rows already in out/certify.tsv, after checking they were certified with these settings."""
+def _resume_rows(out: Path, meta: dict, wanted: set[int]) -> list[dict]:
+    """Rows already in out/certify.tsv, after checking they were certified with these settings and
+    belong to this run's image selection (which may extend the previous one, e.g. a larger max)."""
     tsv = out / results.TSV_FILE
     rows = results.read_tsv(tsv)
     if not tsv.is_file():
@@ -355,6 +354,9 @@ def _resume_rows(out: Path, meta: dict) -> list[dict]:
         require(previous.get(key) == meta.get(key),
                 f"{out} holds a certification with {key}={previous.get(key)}, this run has {key}={meta.get(key)}; "
                 f"certify into another directory (hydra.run.dir=...)")
+    extra = sorted(r["idx"] for r in rows if r["idx"] not in wanted)
+    require(not extra, f"{out} holds images outside this run's selection (idx {extra[:3]}...; skip/start/max/shard "
+                       f"differ); certify into another directory (hydra.run.dir=...)")
     if rows:
         log.info("resuming %s: %d images already certified", out, len(rows))
     return rows
