@@ -58,7 +58,9 @@ def test_mse_run_directory(mse_run):
     assert info["front"]["arch"] == {"_target_": "peftsmooth.denoisers.DnCNN", "image_channels": 1, "depth": 4,
                                      "channels": 8}
     assert info["adapt"] is None and info["base"] is None and info["model_name"] == "vit_tiny"
-    assert info["files"] == ["denoiser.safetensors"] and (run_dir / "denoiser.safetensors").is_file()
+    # the random tiny ViT is kept (init.safetensors), so load_run rebuilds exactly this classifier
+    assert info["files"] == ["init.safetensors", "denoiser.safetensors"]
+    assert info["model"]["checkpoint"] == str(run_dir / "init.safetensors")
     denoiser_params = sum(v.numel() for k, v in load_state_dict_file(run_dir / "denoiser.safetensors").items()
                           if "running" not in k and "num_batches" not in k)
     assert info["trainable_params"] == denoiser_params < info["total_params"]
@@ -103,8 +105,8 @@ def test_stability_keeps_classifier_bit_identical(tmp_path, monkeypatch):
     captured = {}
     original = command._classifier
 
-    def capture(cfg, base_info):
-        classifier, fields = original(cfg, base_info)
+    def capture(cfg, base_info, run_dir):
+        classifier, fields = original(cfg, base_info, run_dir)
         captured["model"] = classifier
         captured["before"] = {k: v.clone() for k, v in classifier.state_dict().items()}
         return classifier, fields
@@ -161,7 +163,7 @@ def test_ddpm_tiny_unet_end_to_end(tmp_path):
     summary, run_dir = _run(tmp_path, "ddpm", ["denoiser=ddpm", f"denoiser.pretrained={pretrained}",
                                                "train.max_eval=8", "train.eval_batch_size=8"])
     info = read_json(run_dir / "run.json")
-    assert info["method"] == "ddpm" and info["trainable_params"] == 0 and info["files"] == []
+    assert info["method"] == "ddpm" and info["trainable_params"] == 0 and info["files"] == ["init.safetensors"]
     assert info["timestep"] == timestep_for_sigma(scheduler.alphas_cumprod, 0.25)
     assert info["front"]["pretrained"] == str(pretrained) and info["front"]["sigma"] == 0.25
     assert "noisy_acc" in summary

@@ -25,8 +25,13 @@ from omegaconf import OmegaConf
 
 from peftsmooth.config import hydra_app, output_dir
 from peftsmooth.errors import UserError
+from peftsmooth.runs import to_plain
 
 log = logging.getLogger("peftsmooth.denoise")
+
+INIT_FILE = "init.safetensors"
+# Keys that may change between a run and its resumption (they do not change the numbers).
+RESUME_FREE = ("resume", "device", "train.num_workers", "train.eval_batch_size")
 
 
 def _choice(group: str, fallback: str) -> str:
@@ -37,6 +42,29 @@ def _choice(group: str, fallback: str) -> str:
         return str(HydraConfig.get().runtime.choices.get(group) or fallback)
     except (ValueError, AttributeError):
         return fallback
+
+
+def resolve_run_dir(cfg) -> Path:
+    """`resume=<dir>` continues that run (after its last completed epoch); otherwise this job's Hydra
+    directory (which resumes too if it already holds a checkpoint, e.g. `hydra.run.dir=<dir>`)."""
+    if not cfg.get("resume"):
+        return output_dir().resolve()
+    run_dir = Path(str(cfg.resume)).expanduser()
+    if not (run_dir / "checkpoint.pt").is_file():
+        raise UserError(f"resume={cfg.resume} holds no checkpoint.pt; give a denoise-baseline run directory")
+    return run_dir.resolve()
+
+
+def resume_fingerprint(cfg) -> dict:
+    """The config a checkpoint must match to be resumed (minus keys that do not change the numbers)."""
+    plain = to_plain(cfg)
+    for dotted in RESUME_FREE:
+        node, *rest = dotted.split(".")
+        if rest and isinstance(plain.get(node), dict):
+            plain[node].pop(rest[0], None)
+        elif not rest:
+            plain.pop(node, None)
+    return plain
 
 
 def _base_info(cfg) -> dict | None:
@@ -58,9 +86,10 @@ def _base_info(cfg) -> dict | None:
     return info
 
 
-def _classifier(cfg, base: dict | None):
-    """The frozen classifier and the run.json fields that rebuild it."""
-    from peftsmooth.models import build_classifier
+def _classifier(cfg, base: dict | None, run_dir: Path):
+    """The frozen classifier and the run.json fields that rebuild it. A randomly initialized
+    off-the-shelf model (tiny test models) keeps its weights in init.safetensors, as train does."""
+    from peftsmooth.models import build_classifier, save_state_dict_file
 
     if base is not None:
         from peftsmooth.runs import load_run
@@ -69,10 +98,18 @@ def _classifier(cfg, base: dict | None):
         fields = {"model": base["model"], "model_name": base.get("model_name"), "adapt": base.get("adapt"),
                   "input_size": base.get("input_size"), "dataset": base.get("dataset") or cfg.dataset}
         return classifier, fields
-    classifier = build_classifier(cfg.model, int(cfg.dataset.num_classes), list(cfg.dataset.image_size))
+    model_cfg = OmegaConf.create(to_plain(cfg.model))
+    fresh = not (model_cfg.get("pretrained") or model_cfg.get("weights") or model_cfg.get("checkpoint"))
+    kept = run_dir / INIT_FILE
+    if fresh and kept.is_file():  # a resumed run: the same random classifier as before
+        model_cfg.checkpoint = str(kept)
+    classifier = build_classifier(model_cfg, int(cfg.dataset.num_classes), list(cfg.dataset.image_size))
     for p in classifier.parameters():
         p.requires_grad_(False)
-    fields = {"model": cfg.model, "model_name": _choice("model", str(cfg.model.name)), "adapt": None,
+    if fresh and not kept.is_file():
+        save_state_dict_file(classifier.backbone.state_dict(), kept)
+        model_cfg.checkpoint = str(kept)
+    fields = {"model": model_cfg, "model_name": _choice("model", str(cfg.model.name)), "adapt": None,
               "input_size": classifier.input_size, "dataset": cfg.dataset}
     return classifier.eval(), fields
 
@@ -156,11 +193,11 @@ def run_denoise_baseline(cfg) -> dict:
     from peftsmooth.data import build_dataset
     from peftsmooth.denoisers import DenoisedClassifier, get_objective
     from peftsmooth.models import count_parameters
-    from peftsmooth.runs import atomic_write_text, to_plain, write_run_info
+    from peftsmooth.runs import atomic_write_text, write_run_info
     from peftsmooth.runtime import resolve_device, seed_everything
-    from peftsmooth.training import METRICS, TrainSettings, fit
+    from peftsmooth.training import METRICS, TrainSettings, check_resume_config, fit, read_checkpoint
 
-    run_dir = output_dir()
+    run_dir = resolve_run_dir(cfg)
     device = resolve_device(cfg.device)
     sigma = float(cfg.sigma)
 
@@ -170,9 +207,13 @@ def run_denoise_baseline(cfg) -> dict:
     trains = bool(getattr(front, "trains", True))
     objective = get_objective(str(cfg.denoiser.objective)) if trains else None
     settings = TrainSettings.from_cfg(cfg.train) if trains else None
+    fingerprint = resume_fingerprint(cfg)
+    checkpoint = read_checkpoint(run_dir)
+    if checkpoint is not None:
+        check_resume_config(checkpoint, fingerprint, run_dir)
     base = _base_info(cfg)
     denoiser = front.build()  # ddpm: checks for diffusers, loads the model, checks its image size
-    classifier, fields = _classifier(cfg, base)
+    classifier, fields = _classifier(cfg, base, run_dir)
 
     name = _choice("denoiser", type(denoiser).__name__.lower())
     method = _method(name, cfg.denoiser) if trains else name
@@ -197,7 +238,7 @@ def run_denoise_baseline(cfg) -> dict:
         train_set = build_dataset(data_cfg, "train", augment=bool(cfg.train.get("augment", True)))
         evaluate = denoiser_evaluator(test_set, sigma, settings, int(cfg.seed)) if cfg.evaluate else None
         result = fit(model, train_set, sigma=sigma, settings=settings, run_dir=run_dir, objective=objective,
-                     evaluate=evaluate, save=lambda m, d: front.save(m.denoiser, d), config=to_plain(cfg),
+                     evaluate=evaluate, save=lambda m, d: front.save(m.denoiser, d), config=fingerprint,
                      seed=int(cfg.seed), device=device, describe=method)
         metrics, files = result["metrics"], list(result["files"])
     else:  # nothing to train: evaluate once, as "epoch 0"
@@ -207,6 +248,8 @@ def run_denoise_baseline(cfg) -> dict:
             metrics = {"epoch": 0, "loss": None, **evaluate(model.eval()), "lr": None,
                        "time": round(time.time() - started, 3)}
             atomic_write_text(run_dir / METRICS, json.dumps(metrics) + "\n")
+    if not base and fields["model"].get("checkpoint") == str(run_dir / INIT_FILE):
+        files = [INIT_FILE, *files]
     write_run_info(run_dir, **info, files=base_files + files, finished=True)
     summary = {"run_dir": str(run_dir), "method": method, "trainable_params": trainable, "total_params": total,
                **{k: metrics.get(k) for k in ("clean_acc", "noisy_acc", "test_mse") if k in metrics},
