@@ -414,6 +414,8 @@ def fit(model: nn.Module, train_set: Dataset, *, sigma: float, settings: TrainSe
     require(settings.batch_size % world == 0,
             f"train.batch_size={settings.batch_size} must be divisible by the number of ranks ({world})")
     zeroth_order = step_hook is not None and hasattr(step_hook, "training_step")
+    require(not (zeroth_order and world > 1),
+            "a training_step (zeroth-order) method runs in one process: start it without torchrun")
 
     checkpoint = read_checkpoint(run_dir)
     if checkpoint is not None:
