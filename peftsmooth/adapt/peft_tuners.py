@@ -60,9 +60,13 @@ class PeftTuner:
                             f"(options: {', '.join(sorted(k for k in known if not k.startswith('_')))})")
         for key in RANK_KEYS:
             value = options.get(key)
-            if value is not None and key == "r" and int(value) <= 0:
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise UserError(f"peft.{key}={value} must be an integer")
+            if key == "r" and value <= 0:
                 raise UserError(f"peft.r={value} must be a positive integer (the adapter rank)")
-            if value is not None and int(value) < 0:
+            if value < 0:
                 raise UserError(f"peft.{key}={value} must be >= 0")
         self.options = dict(options)
         try:
