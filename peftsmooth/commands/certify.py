@@ -55,7 +55,7 @@ def certify_dir(resume, run, mode, sigma, n, model, dataset, stamp, shard, num_s
         base = Path(str(run)).expanduser() / "certify" / f"{mode}_sigma{_fmt(sigma if sigma is not None else run_sigma)}_n{n}"
     if int(num_shards) > 1:
         base = base / results.shard_dir_name(int(shard), int(num_shards))
-    return str(base)
+    return os.path.abspath(base)  # absolute: it is also the multirun job dir (hydra.sweep.subdir)
 
 
 def _fmt(value) -> str:
