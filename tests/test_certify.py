@@ -142,10 +142,12 @@ def test_predict_mode_reports_smoothed_accuracy(run_dir, tmp_path):
 
 
 def test_off_the_shelf_model_without_a_run(tmp_path):
-    summary = run_certify(compose("certify", [*TINY, *SMALL, "sigma=0.5", "certify.max=2", "certify.precision=bf16"],
+    summary = run_certify(compose("certify", [*TINY, *SMALL, "sigma=0.5", "certify.max=2", "certify.precision=bf16",
+                                               "certify.batch_size=auto"],
                                   run_dir=tmp_path))
     assert summary["method"] == "none" and summary["run"] is None and summary["model_name"] == "vit_tiny"
     assert summary["precision"] == "bf16" and summary["sigma"] == 0.5 and summary["num_images"] == 2
+    assert summary["batch_size"] == 256  # auto on the CPU
 
 
 @pytest.mark.parametrize("override,match", [
@@ -190,6 +192,7 @@ def test_lora_adapters_are_merged_exactly():
     torch.testing.assert_close(before, after, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_merge_into_the_single_run(run_dir, reference, tmp_path):
     out, summary = reference
     env = dict(os.environ, OMP_NUM_THREADS="1")

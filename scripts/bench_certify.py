@@ -1,0 +1,247 @@
+#!/usr/bin/env python
+"""Certification throughput: our sampler against a plain Cohen-style sampler, same process, same model.
+
+    python scripts/bench_certify.py --model vit --image-size 3 224 224 --batch-size 400 \
+        --precision fp32 bf16 --compile false true --n 20000
+    python scripts/bench_certify.py --smoke          # a tiny ViT on CPU in a few seconds (CI)
+
+For every (precision, compile, channels_last) configuration it times CERTIFY of one image (n0 + n
+samples, after a warm-up outside the timed region) with `peftsmooth.smoothing.Smooth`, and, once per
+model, the reference sampler below: Cohen et al.'s `core.py` loop (fp32, `randn_like` noise, counts
+copied to the host and tallied in Python after every batch). It prints a table (stderr) and one JSON
+line per configuration (stdout, and appended to --out): samples/s of both, their ratio, FLOPs per
+sample (torch.utils.flop_counter), achieved TFLOP/s, model FLOP utilization against the device's peak
+(table below, or --peak-tflops), and peak memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+# Dense peak TFLOP/s by (device-name substring, compute dtype). fp32 = no TF32 (PyTorch's default for
+# matmul). Override with --peak-tflops.
+PEAK_TFLOPS = {
+    ("H200", "bf16"): 989.0, ("H200", "fp16"): 989.0, ("H200", "fp32"): 67.0,
+    ("H100 SXM", "bf16"): 989.0, ("H100 SXM", "fp16"): 989.0, ("H100 SXM", "fp32"): 67.0,
+    ("H100 80GB HBM3", "bf16"): 989.0, ("H100 80GB HBM3", "fp16"): 989.0, ("H100 80GB HBM3", "fp32"): 67.0,
+    ("H100 PCIe", "bf16"): 756.0, ("H100 PCIe", "fp16"): 756.0, ("H100 PCIe", "fp32"): 51.0,
+    ("A100", "bf16"): 312.0, ("A100", "fp16"): 312.0, ("A100", "fp32"): 19.5,
+    ("L40S", "bf16"): 362.0, ("L40S", "fp16"): 362.0, ("L40S", "fp32"): 91.6,
+    ("RTX 4090", "bf16"): 165.2, ("RTX 4090", "fp16"): 165.2, ("RTX 4090", "fp32"): 82.6,
+    ("V100", "fp16"): 125.0, ("V100", "fp32"): 15.7,
+}
+
+SMOKE = dict(model="vit_tiny", model_override=["model.input_size=16", "model.kwargs.img_size=16",
+                                                 "model.kwargs.depth=2", "model.kwargs.embed_dim=32",
+                                                 "model.kwargs.num_heads=2"],
+             image_size=[1, 8, 8], num_classes=10, batch_size=[64], n0=16, n=256, repeats=1,
+             precision=["fp32"], compile=["false"], channels_last=["false"])
+
+
+# --- the reference: Cohen et al.'s sampler, as in locuslab/smoothing code/core.py ---------------
+
+def cohen_sample_noise(base_classifier: nn.Module, x: torch.Tensor, num: int, batch_size: int, sigma: float,
+                       num_classes: int) -> np.ndarray:
+    """Cohen's `_sample_noise`: fp32, noise by randn_like, host-side counting after every batch."""
+    with torch.no_grad():
+        counts = np.zeros(num_classes, dtype=int)
+        remaining = num
+        for _ in range(int(np.ceil(num / batch_size))):
+            this_batch_size = min(batch_size, remaining)
+            remaining -= this_batch_size
+            batch = x.repeat((this_batch_size, 1, 1, 1))
+            noise = torch.randn_like(batch) * sigma
+            predictions = base_classifier(batch + noise).argmax(1)
+            counts += _count_arr(predictions.cpu().numpy(), num_classes)
+        return counts
+
+
+def _count_arr(arr: np.ndarray, length: int) -> np.ndarray:
+    counts = np.zeros(length, dtype=int)
+    for idx in arr:
+        counts[idx] += 1
+    return counts
+
+
+def cohen_certify(base_classifier, x, n0, n, batch_size, sigma, num_classes) -> int:
+    """The sampling of Cohen's CERTIFY (selection then estimation); returns nA."""
+    counts_selection = cohen_sample_noise(base_classifier, x, n0, batch_size, sigma, num_classes)
+    cAHat = counts_selection.argmax().item()
+    counts_estimation = cohen_sample_noise(base_classifier, x, n, batch_size, sigma, num_classes)
+    return int(counts_estimation[cAHat])
+
+
+# --- measuring ----------------------------------------------------------------------------------
+
+def build_model(args) -> nn.Module:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from hydra import compose, initialize_config_dir
+
+    from peftsmooth.config import conf_dir
+    from peftsmooth.models import build_classifier
+
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        cfg = compose(config_name="certify", overrides=[f"model={args.model}", *args.model_override])
+    model = build_classifier(cfg.model, args.num_classes, args.image_size).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def flops_per_sample(model: nn.Module, image_size, device) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(torch.rand(2, *image_size, device=device))
+    return counter.get_total_flops() / 2
+
+
+def timed(fns: dict, repeats: int, device) -> dict:
+    """Median seconds per call of each function, interleaved (a busy machine slows all alike), after
+    one warm-up call of each outside the timed region."""
+    for fn in fns.values():
+        fn()
+    _sync(device)
+    times = {key: [] for key in fns}
+    for _ in range(repeats):
+        for key, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            times[key].append(time.perf_counter() - start)
+    return {key: float(np.median(t)) for key, t in times.items()}
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_memory_mb(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak RSS (Linux: KiB)
+
+
+def device_name(device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
+
+
+def peak_tflops(name: str, precision: str, override: float | None) -> float | None:
+    if override:
+        return override
+    for (key, dtype), value in PEAK_TFLOPS.items():
+        if key in name and dtype == precision:
+            return value
+    return None
+
+
+def _bool(text: str) -> bool:
+    return str(text).lower() in ("1", "true", "yes", "on")
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="vit_tiny", help="a conf/model choice (vit, vit_tiny, resnet50, ...)")
+    parser.add_argument("--model-override", nargs="*", default=[], help="Hydra overrides of the model config")
+    parser.add_argument("--image-size", nargs=3, type=int, default=[3, 32, 32], help="native C H W")
+    parser.add_argument("--num-classes", type=int, default=10)
+    parser.add_argument("--batch-size", nargs="+", default=["400"], help="ints, or auto")
+    parser.add_argument("--precision", nargs="+", default=["fp32", "bf16"])
+    parser.add_argument("--compile", nargs="+", default=["false"], help="false and/or true")
+    parser.add_argument("--channels-last", nargs="+", default=["false"])
+    parser.add_argument("--n0", type=int, default=100)
+    parser.add_argument("--n", type=int, default=10000)
+    parser.add_argument("--repeats", type=int, default=2, help="timed certifications per configuration")
+    parser.add_argument("--sigma", type=float, default=0.25)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (else the table)")
+    parser.add_argument("--no-reference", action="store_true", help="skip the Cohen-style sampler")
+    parser.add_argument("--out", default=None, help="append the JSON lines to this file too")
+    parser.add_argument("--smoke", action="store_true", help="tiny ViT, small n, CPU: a few seconds")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        for key, value in SMOKE.items():
+            setattr(args, key, value)
+        args.device = "cpu" if args.device == "auto" else args.device
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from peftsmooth.commands.certify import AUTO_BATCH, maybe_compile
+    from peftsmooth.runtime import resolve_device
+    from peftsmooth.smoothing import Smooth
+
+    device = resolve_device(args.device)
+    eager = build_model(args).to(device)
+    x = torch.rand(*args.image_size, device=device)
+    flops = flops_per_sample(eager, args.image_size, device)
+    name = device_name(device)
+    records = []
+    for bs_text in args.batch_size:
+        batch_size = AUTO_BATCH.get(device.type, 256) if bs_text == "auto" else int(bs_text)
+        for precision in args.precision:
+            for compile_text in args.compile:
+                for cl_text in args.channels_last:
+                    if device.type == "cuda":
+                        torch.cuda.reset_peak_memory_stats(device)
+                    model = eager.to(memory_format=torch.channels_last) if _bool(cl_text) else eager
+                    g = Smooth(model, args.num_classes, args.sigma, precision=precision, channels_last=_bool(cl_text))
+                    compile_error = maybe_compile(g, batch_size, args.image_size, device) if _bool(compile_text) else None
+                    fns = {"ours": lambda: g.certify(x, args.n0, args.n, 0.001, batch_size, seed=0)}
+                    if not args.no_reference:
+                        fns["reference"] = lambda: cohen_certify(eager, x, args.n0, args.n, batch_size, args.sigma,
+                                                                 args.num_classes)
+                    seconds = timed(fns, args.repeats, device)
+                    ours = (args.n0 + args.n) / seconds["ours"]
+                    ref = (args.n0 + args.n) / seconds["reference"] if "reference" in seconds else None
+                    peak = peak_tflops(name, precision, args.peak_tflops)
+                    records.append({
+                        "model": args.model, "model_override": args.model_override, "image_size": args.image_size,
+                        "device": str(device), "device_name": name, "threads": torch.get_num_threads(),
+                        "batch_size": batch_size, "max_batch_after_oom": g.max_batch, "precision": precision,
+                        "compile": _bool(compile_text) and compile_error is None, "compile_error": compile_error,
+                        "channels_last": _bool(cl_text), "n0": args.n0, "n": args.n, "repeats": args.repeats,
+                        "samples_per_second": ours, "reference_samples_per_second": ref,
+                        "speedup": ours / ref if ref else None, "flops_per_sample": flops,
+                        "achieved_tflops": ours * flops / 1e12, "peak_tflops": peak,
+                        "mfu": ours * flops / 1e12 / peak if peak else None, "peak_memory_mb": peak_memory_mb(device),
+                        "torch": torch.__version__,
+                    })
+                    eager = eager.to(memory_format=torch.contiguous_format)
+    _report(records)
+    if args.out:
+        with open(args.out, "a") as fh:
+            fh.writelines(json.dumps(r) + "\n" for r in records)
+    return records
+
+
+def _report(records: list[dict]) -> None:
+    header = f"{'batch':>6} {'prec':>5} {'compile':>7} {'cl':>3} {'ours/s':>10} {'Cohen/s':>10} {'ratio':>6} " \
+             f"{'GFLOP/smp':>9} {'TFLOP/s':>8} {'MFU':>6} {'peak MB':>8}"
+    print(header, file=sys.stderr)
+    for r in records:
+        ref = f"{r['reference_samples_per_second']:10.0f}" if r["reference_samples_per_second"] else f"{'-':>10}"
+        ratio = f"{r['speedup']:6.2f}" if r["speedup"] else f"{'-':>6}"
+        mfu = f"{100 * r['mfu']:5.1f}%" if r["mfu"] is not None else f"{'-':>6}"
+        print(f"{r['batch_size']:>6} {r['precision']:>5} {str(r['compile']):>7} {'y' if r['channels_last'] else 'n':>3} "
+              f"{r['samples_per_second']:10.0f} {ref} {ratio} {r['flops_per_sample'] / 1e9:9.3f} "
+              f"{r['achieved_tflops']:8.3f} {mfu} {r['peak_memory_mb']:8.0f}", file=sys.stderr)
+    for r in records:
+        print(json.dumps(r))
+
+
+if __name__ == "__main__":
+    main()
