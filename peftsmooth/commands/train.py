@@ -121,6 +121,10 @@ def run_train(cfg) -> dict:
     method = getattr(adapt, "name", None) or _choice("peft", "custom")
     trains = bool(getattr(adapt, "trains", True)) and settings.epochs > 0
 
+    # ---- data (a missing dataset fails here, before anything is written)
+    test_set = build_dataset(cfg.dataset, "test", augment=False)
+    train_set = build_dataset(cfg.dataset, "train", augment=bool(cfg.train.get("augment", True))) if trains else None
+
     # ---- model
     seed_everything(int(cfg.seed))
     num_classes, image_size = int(cfg.dataset.num_classes), list(cfg.dataset.image_size)
@@ -147,13 +151,11 @@ def run_train(cfg) -> dict:
     elif mine != run_dir:
         _drop_stray_dir(mine, run_dir)
 
-    # ---- data and training
-    test_set = build_dataset(cfg.dataset, "test", augment=False)
+    # ---- training
     evaluate = accuracy_evaluator(test_set, sigma, settings, int(cfg.seed))
     if trains:
         from peftsmooth.training import fit
 
-        train_set = build_dataset(cfg.dataset, "train", augment=bool(cfg.train.get("augment", True)))
         step_hook = adapt if hasattr(adapt, "training_step") else None
         result = fit(model, train_set, sigma=sigma, settings=settings, run_dir=run_dir, objective=objective,
                      evaluate=evaluate, save=adapt.save, config=fingerprint, seed=int(cfg.seed), device=device,
