@@ -206,3 +206,40 @@ def test_bad_input_before_any_work(tmp_path):
     with pytest.raises(UserError, match="no denoiser.safetensors"):
         _run(tmp_path, "b", [f"denoiser.init={base}", *SMALL_DNCNN])
     assert not any((tmp_path / d / "run.json").exists() for d in ("a", "b"))
+
+
+def test_killed_run_resumes_to_the_same_metrics(tmp_path, monkeypatch):
+    """A run killed after epoch 1 and started again in the same directory continues from its
+    checkpoint and ends with the uninterrupted run's metrics and weights."""
+    overrides = [*SMALL_DNCNN, *QUICK, "denoiser.epochs=2"]
+    _, whole = _run(tmp_path, "whole", overrides)
+
+    original = command.denoiser_evaluator
+
+    def dies_in_epoch_2(*args, **kwargs):
+        evaluate, calls = original(*args, **kwargs), []
+
+        def wrapped(model, dist_info=None):
+            calls.append(1)
+            if len(calls) == 2:
+                raise KeyboardInterrupt  # killed before epoch 2 is checkpointed
+            return evaluate(model, dist_info)
+
+        return wrapped
+
+    monkeypatch.setattr(command, "denoiser_evaluator", dies_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path, "killed", overrides)
+    monkeypatch.setattr(command, "denoiser_evaluator", original)
+    killed = tmp_path / "killed"
+    assert read_json(killed / "run.json")["finished"] is False
+    cfg = compose("denoise-baseline", [*TINY, "sigma=0.25", *overrides], run_dir=killed)
+    command.run_denoise_baseline(cfg)
+
+    def metrics(run_dir):
+        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in row.items() if k != "time"} for row in rows]
+
+    assert metrics(killed) == metrics(whole) and len(metrics(whole)) == 2
+    a, b = (load_state_dict_file(d / "denoiser.safetensors") for d in (whole, killed))
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -31,7 +31,7 @@ log = logging.getLogger("peftsmooth.denoise")
 
 INIT_FILE = "init.safetensors"
 # Keys that may change between a run and its resumption (they do not change the numbers).
-RESUME_FREE = ("resume", "device", "train.num_workers", "train.eval_batch_size")
+RESUME_FREE = ("hydra", "resume", "device", "train.num_workers", "train.eval_batch_size")
 
 
 def _choice(group: str, fallback: str) -> str:
