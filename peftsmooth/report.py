@@ -30,11 +30,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from peftsmooth import results
 from peftsmooth.errors import UserError
 
 RUN_FILE = "run.json"
-TSV_FILE = "certify.tsv"
-SUMMARY_FILE = "summary.json"
+TSV_FILE = results.TSV_FILE
+SUMMARY_FILE = results.SUMMARY_FILE
 DEFAULT_RADII = (0.25, 0.5, 0.75, 1.0)
 
 # A shard directory's name carries its index, e.g. `cohen_sigma0.5_n1000_shard1of4` or `shard1`.
@@ -43,39 +44,7 @@ _SHARD_TOKEN = re.compile(r"[_\-.]?shard[_\-]?(\d+)(?:[_\-]?of[_\-]?(\d+))?", re
 
 # --------------------------------------------------------------------------- reading files
 
-def parse_seconds(text: str) -> float:
-    """The TSV `time` column: seconds (`1.23`) or Cohen's `H:MM:SS.ffffff` timedelta string."""
-    text = text.strip()
-    if ":" not in text:
-        return float(text)
-    seconds = 0.0
-    for part in text.split(":"):
-        seconds = seconds * 60 + float(part)
-    return seconds
-
-
-def read_tsv(path: str | Path) -> list[dict]:
-    """Rows of a certify.tsv (Cohen's format) as dicts; a torn last line (killed run) is skipped."""
-    rows = []
-    with open(path, newline="") as fh:
-        header = fh.readline().rstrip("\n").split("\t")
-        for line in fh:
-            fields = line.rstrip("\n").split("\t")
-            if len(fields) != len(header) or not line.endswith("\n"):
-                continue
-            rec = dict(zip(header, fields))
-            try:
-                rows.append({
-                    "idx": int(rec["idx"]),
-                    "label": int(rec["label"]),
-                    "predict": int(rec["predict"]),
-                    "radius": float(rec["radius"]),
-                    "correct": int(rec["correct"]),
-                    "time": parse_seconds(rec.get("time", "0") or "0"),
-                })
-            except (KeyError, ValueError):
-                continue
-    return rows
+read_tsv = results.read_tsv  # Cohen's TSV, torn last line of a killed run ignored
 
 
 def _read_json(path: Path) -> dict | None:
@@ -96,26 +65,17 @@ def merge_rows(row_lists: Iterable[list[dict]]) -> list[dict]:
 
 # --------------------------------------------------------------------------- metrics
 
-def certified_accuracy(rows: Sequence[dict], radius: float) -> float:
-    """Fraction of images with predict == label and radius >= r (an abstention is never correct)."""
-    if not rows:
-        return float("nan")
-    return sum(1 for r in rows if r["correct"] and r["radius"] >= radius) / len(rows)
+certified_accuracy = results.certified_accuracy  # correct and radius >= r, over all images
 
 
-def summarize_rows(rows: Sequence[dict], radius_grid: Sequence[float]) -> dict:
-    """ACR, smoothed clean accuracy and certified accuracy on a grid, from TSV rows (Cohen's analysis)."""
-    n = len(rows)
-    if n == 0:
-        return {"acr": float("nan"), "clean_accuracy": float("nan"),
-                "certified_accuracy": {r: float("nan") for r in radius_grid}, "num_images": 0, "time": 0.0}
-    return {
-        "acr": sum(r["radius"] * r["correct"] for r in rows) / n,
-        "clean_accuracy": sum(r["correct"] for r in rows) / n,
-        "certified_accuracy": {r: certified_accuracy(rows, r) for r in radius_grid},
-        "num_images": n,
-        "time": sum(r["time"] for r in rows),
-    }
+def summarize_rows(rows: Sequence[dict], radius_grid: Sequence[float], mode: str = "cohen") -> dict:
+    """ACR, smoothed clean accuracy and certified accuracy on `radius_grid` from TSV rows, exactly as
+    certify summarizes them (results.summarize)."""
+    summary = results.summarize(rows, radius_grid, mode=mode)
+    by_radius = summary["certified_accuracy"]
+    return {"acr": summary["acr"], "clean_accuracy": summary["clean_accuracy"],
+            "certified_accuracy": {r: by_radius.get(results.radius_key(r)) for r in radius_grid},
+            "num_images": summary["num_images"], "time": summary["elapsed_seconds"]}
 
 
 def curve(rows: Sequence[dict], radii: Sequence[float]) -> list[float]:
@@ -273,15 +233,20 @@ def _status(cert: Certification | None, info: dict) -> str:
             parts.append(f"partial: shards {done}/{cert.num_shards}, {len(cert.rows)} images")
     elif not cert.complete:
         parts.append(f"partial: {len(cert.rows)} images")
+    elif cert.summary and cert.summary.get("shards"):
+        parts.append(f"complete (merged {len(cert.summary['shards'])} shards)")
     return "; ".join(parts) or "complete"
 
 
 def certification_row(cert: Certification, radius_grid: Sequence[float], info: dict) -> dict:
     """One table row: the summary's numbers when it is a finished single run, else the TSV's."""
     summary = cert.summary or {}
-    from_rows = summarize_rows(cert.rows, radius_grid)
+    from_rows = summarize_rows(cert.rows, radius_grid, mode=summary.get("mode") or "cohen")
     use_summary = cert.complete and cert.num_shards == 1 and bool(cert.summary)
     predict_only = summary.get("mode") == "predict"
+    if not use_summary and not cert.rows:  # started, no image finished yet: nothing to show
+        from_rows = {"acr": None, "clean_accuracy": None, "num_images": 0, "time": None,
+                     "certified_accuracy": {r: None for r in radius_grid}}
     row = {
         "method": _method_label(summary, info),
         "model": summary.get("model_name") or info.get("model_name") or _model_label(info),
