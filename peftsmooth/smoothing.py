@@ -8,7 +8,7 @@ the dataset's native pixel space (f does its own resizing and normalization). `S
   an image seeded with s comes from a generator seeded with hash(s, p, k). So the noise an image sees
   depends only on its seed, never on the batch size, on packing several images into one batch, on
   out-of-memory retries or on sharding: a resumed or sharded run counts exactly the same samples.
-- class counts stay on the device (`bincount`); the host reads them once per phase, not once per batch,
+- class counts stay on the device (`scatter_add_`); the host reads them once per phase, not per batch,
   and memory does not depend on n.
 - `precision="bf16"|"fp16"` runs f under autocast. The noise and x + noise stay fp32 (the smoothing
   distribution is the exact Gaussian); rounding the noisy input is part of the base classifier, which
@@ -221,7 +221,9 @@ class Smooth:
             segment = torch.cat([torch.full((len(p),), i, device=labels.device) for i, p in pieces])
         else:
             segment = pieces[0][0]
-        counts += torch.bincount(labels + segment * self.num_classes, minlength=len(counts))
+        # scatter_add_, not bincount: CUDA's bincount reads the largest label on the host (a sync per batch)
+        index = labels + segment * self.num_classes
+        counts.scatter_add_(0, index, torch.ones_like(index))
 
     def _classify(self, batch: torch.Tensor, batch_size: int) -> torch.Tensor:
         """argmax f(batch), split into smaller forward passes after an out-of-memory error.
