@@ -10,7 +10,8 @@ def test_demo_runs_the_real_pipeline(tmp_path):
     out_dir = tmp_path / "demo"
     args = [
         "demo", "device=cpu", "base_epochs=2", "lora_epochs=1", "batch_size=128",
-        "model_overrides=[model.input_size=16,model.kwargs.img_size=16,model.kwargs.depth=2,model.kwargs.embed_dim=32,model.kwargs.num_heads=2]",
+        "model_overrides=['model.input_size=16','model.kwargs.img_size=16','model.kwargs.depth=2',"
+        "'model.kwargs.embed_dim=32','model.kwargs.num_heads=2']",
         "certify.n0=16", "certify.n=64", "certify.skip=60", "certify.batch_size=64",
         f"hydra.run.dir={out_dir}",
     ]
