@@ -40,7 +40,7 @@ def run_demo(cfg) -> dict:
     console = Console()
     out = output_dir()
     common = ["dataset=digits", f"model={cfg.model}", *cfg.model_overrides, f"seed={cfg.seed}", f"device={cfg.device}"]
-    train_common = [*common, f"train.batch_size={cfg.batch_size}"]
+    train_common = [*common, f"train.batch_size={cfg.batch_size}", "train.num_workers=0"]  # digits live in memory
     base, lora = out / "base", out / "lora"
     certify = [f"certify.{k}={v}" for k, v in cfg.certify.items()]
 
