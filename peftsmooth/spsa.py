@@ -60,16 +60,22 @@ def perturbation(n: int, like: torch.Tensor, generator: torch.Generator | None =
 
 
 def spsa_gradient(loss_fn: LossFn, theta: torch.Tensor, c: float, pairs: int,
-                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, float]:
-    """(g_hat, mean of the 2*pairs loss values) at `theta`, from two-sided perturbations of size c."""
-    g_hat = torch.zeros_like(theta)
-    total = 0.0
-    for _ in range(pairs):
-        delta = perturbation(theta.numel(), theta, generator)
-        plus, minus = float(loss_fn(theta + c * delta)), float(loss_fn(theta - c * delta))
-        g_hat += (plus - minus) / (2 * c) / delta
-        total += plus + minus
-    return g_hat / pairs, total / (2 * pairs)
+                  generator: torch.Generator | None = None, batched: bool = False) -> tuple[torch.Tensor, float]:
+    """(g_hat, mean of the 2*pairs loss values) at `theta`, from two-sided perturbations of size c.
+
+    With `batched=True`, `loss_fn` takes all 2*pairs points at once, as a (2*pairs, d) matrix
+    (rows: theta + c*D_1, ..., theta + c*D_q, theta - c*D_1, ...), and returns their losses: one
+    large query instead of 2q small ones.
+    """
+    deltas = torch.stack([perturbation(theta.numel(), theta, generator) for _ in range(pairs)])
+    points = torch.cat([theta + c * deltas, theta - c * deltas])
+    if batched:
+        losses = torch.as_tensor(loss_fn(points), dtype=theta.dtype, device=theta.device).reshape(-1)
+    else:
+        losses = torch.tensor([float(loss_fn(p)) for p in points], dtype=theta.dtype, device=theta.device)
+    plus, minus = losses[:pairs], losses[pairs:]
+    g_hat = (((plus - minus) / (2 * c)).unsqueeze(1) / deltas).mean(0)
+    return g_hat, float(losses.mean())
 
 
 class SPSA:
@@ -91,15 +97,18 @@ class SPSA:
         cfg = self.config
         return cfg.lr / (k + cfg.stability) ** cfg.lr_decay, cfg.c / k ** cfg.c_decay
 
-    def step(self, loss_fn: LossFn, theta: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        """One SPSA-GC update; also returns the step's mean perturbed loss and its gains."""
+    def step(self, loss_fn: LossFn, theta: torch.Tensor, batched: bool = False) -> tuple[torch.Tensor, dict]:
+        """One SPSA-GC update; also returns the step's mean perturbed loss and its gains.
+
+        `batched`: `loss_fn` evaluates a (2*pairs, d) matrix of points at once (see spsa_gradient).
+        """
         self.k += 1
         a_k, c_k = self.gains(self.k)
         if self.m is None:
             self.m = torch.zeros_like(theta)
         beta = self.config.momentum
         generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self.k) % 2**63)
-        g_hat, loss = spsa_gradient(loss_fn, theta + beta * self.m, c_k, self.config.pairs, generator)
+        g_hat, loss = spsa_gradient(loss_fn, theta + beta * self.m, c_k, self.config.pairs, generator, batched)
         self.m = beta * self.m - a_k * g_hat
         self.evaluations += 2 * self.config.pairs
         return theta + self.m, {"loss": loss, "a_k": a_k, "c_k": c_k, "grad_norm": float(g_hat.norm())}

@@ -19,6 +19,14 @@ IMAGE = [1, 8, 8]
 COORD = dict(hidden=4, encoder=dict(name="random", width=8, depth=2, downsample=0))
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: single-threaded is faster on a shared machine
+    yield
+    torch.set_num_threads(threads)
+
+
 def _digits(n: int, seed: int = 0):
     """Real digits (what the classifier below was fitted on), a fixed seeded subset."""
     from sklearn.datasets import load_digits
@@ -32,6 +40,8 @@ def _digits(n: int, seed: int = 0):
 @pytest.fixture(scope="module")
 def fitted_state():
     """A small clean classifier for digits (8x8 native, BaseClassifier preprocessing), fitted once."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     torch.manual_seed(0)
     clf = _classifier()
     x, y = _digits(1000, seed=1)
@@ -41,6 +51,7 @@ def fitted_state():
         opt.zero_grad()
         loss.backward()
         opt.step()
+    torch.set_num_threads(threads)
     return {k: v.clone() for k, v in clf.state_dict().items()}
 
 
@@ -218,3 +229,45 @@ def test_seal_freezes_weights_and_pins_eval_mode():
     clf = seal(_classifier())
     clf.train()
     assert not clf.backbone.training and all(not p.requires_grad for p in clf.parameters())
+
+
+# ---------------------------------------------------------------- end to end: train -> certify
+
+
+def test_train_records_queries_and_certify_uses_the_coordinator(tmp_path):
+    from peftsmooth.commands.certify import run_certify
+    from peftsmooth.commands.train import run_train
+    from peftsmooth.runs import load_run
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    train = [*TINY, "peft=blackbox", "sigma=0.25", "peft.spsa.pairs=1", "train.epochs=2", "train.batch_size=16",
+             "train.max_steps_per_epoch=2", "train.max_eval=16", "train.num_workers=0"]
+    run_train(compose("train", train, run_dir=run_dir))
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    per_step = 2 * 1 * 16                                    # 2 queries (one pair) per image per step
+    assert [m["queries"] for m in metrics] == [2 * per_step, 2 * per_step]
+    info = json.loads((run_dir / "run.json").read_text())
+    assert info["queries"] == 4 * per_step and info["method"] == "blackbox" and info["finished"]
+    assert info["trainable_params"] == sum(p.numel() for p in load_run(run_dir)[0].front.decoder.parameters())
+    assert "coordinator.safetensors" in info["files"]
+
+    out = tmp_path / "certify"
+    summary = run_certify(compose("certify", [f"run={run_dir}", "device=cpu", "certify.n0=4", "certify.n=16",
+                                              "certify.alpha=0.1", "certify.max=2", "certify.batch_size=16"],
+                                  run_dir=out))
+    assert summary["num_images"] == 2 and summary["method"] == "blackbox" and summary["complete"]
+    assert (out / "certify.tsv").read_text().count("\n") == 3   # header + 2 images
+
+
+def test_cli_bad_spsa_value_is_one_line_exit_2(tmp_path):
+    import subprocess
+    import sys
+
+    run_dir = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "peftsmooth", "train", *TINY, "peft=blackbox", "peft.spsa.c=0",
+                           f"hydra.run.dir={run_dir}"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "spsa.c=0" in lines[0] and "> 0" in lines[0]
+    assert not run_dir.exists()

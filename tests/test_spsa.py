@@ -92,3 +92,12 @@ def test_resumed_spsa_draws_what_the_uninterrupted_run_draws():
     for _ in range(3):
         half, _ = resumed.step(lambda t: float(_toy(t)), half)
     assert torch.equal(half, theta)
+
+
+def test_batched_evaluation_gives_the_same_estimate():
+    theta = torch.randn(DIM, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    one, loss1 = spsa_gradient(lambda t: float(_toy(t)), theta, c=1e-3, pairs=7,
+                               generator=torch.Generator().manual_seed(5))
+    many, loss2 = spsa_gradient(lambda pts: [float(_toy(p)) for p in pts], theta, c=1e-3, pairs=7,
+                                generator=torch.Generator().manual_seed(5), batched=True)
+    assert torch.allclose(one, many) and loss1 == pytest.approx(loss2)

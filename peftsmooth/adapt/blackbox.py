@@ -60,14 +60,17 @@ class QueryOracle:
     it. Inputs are detached and outputs carry no graph, so no gradient can flow into (or out of) it.
     """
 
-    def __init__(self, classify, num_classes: int):
+    def __init__(self, classify, num_classes: int, max_batch: int | None = None):
         self._classify = classify
         self.num_classes = int(num_classes)
+        self.max_batch = int(max_batch) if max_batch else None
         self.queries = 0
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            logits = self._classify(x.detach())
+            x = x.detach()
+            chunks = x.split(self.max_batch) if self.max_batch else (x,)
+            logits = torch.cat([self._classify(chunk) for chunk in chunks])
         if logits.dim() != 2 or logits.shape != (x.shape[0], self.num_classes):
             raise UserError(f"the classifier returns shape {tuple(logits.shape)} for {x.shape[0]} images, not a vector of "
                             f"dataset.num_classes={self.num_classes} class scores per image")
@@ -157,15 +160,18 @@ class BlackBoxSPSA(_CoordinatorAdaptation):
     name = "blackbox"
 
     def __init__(self, num_classes: int, image_size, coordinator: dict | None = None, spsa: dict | None = None,
-                 seed: int = 0, **kwargs):
+                 seed: int = 0, query_batch_size: int | None = None, **kwargs):
         super().__init__(num_classes, image_size, coordinator, seed, **kwargs)
         self.spsa_config = SPSAConfig(**dict(spsa or {}))   # validates: UserError before any work
+        require(query_batch_size is None or int(query_batch_size) >= 1,
+                f"peft.query_batch_size={query_batch_size} must be >= 1 or null")
+        self.query_batch_size = query_batch_size
         self.optimizer: SPSA | None = None
         self.oracle: QueryOracle | None = None
 
     def apply(self, classifier: nn.Module) -> nn.Module:
         classifier = super().apply(classifier)
-        self.oracle = QueryOracle(bare_classifier(classifier), self.num_classes)
+        self.oracle = QueryOracle(bare_classifier(classifier), self.num_classes, self.query_batch_size)
         self.optimizer = SPSA(self.spsa_config, seed=self.seed)
         return classifier
 
@@ -182,17 +188,21 @@ class BlackBoxSPSA(_CoordinatorAdaptation):
         before = self.oracle.queries
         mean_probs = torch.zeros(len(y), self.num_classes, device=y.device)
 
-        def loss_fn(theta: torch.Tensor) -> float:
+        def losses(points: torch.Tensor) -> torch.Tensor:
+            """Cross-entropy at each row of `points`: all 2q coordinator outputs in one query."""
             nonlocal mean_probs
-            torch.nn.utils.vector_to_parameters(theta, params)
-            with torch.no_grad():
-                probs = self.oracle(coordinator(x_noisy))
-            mean_probs = mean_probs + probs
-            return float(F.nll_loss(probs.clamp_min(1e-12).log(), y))
+            inputs = []
+            for theta in points:
+                torch.nn.utils.vector_to_parameters(theta, params)
+                inputs.append(coordinator(x_noisy))
+            probs = self.oracle(torch.cat(inputs)).view(len(points), len(y), self.num_classes)
+            mean_probs = probs.mean(0)
+            log_p = probs.clamp_min(1e-12).log().gather(2, y.view(1, -1, 1).expand(len(points), -1, 1))
+            return -log_p.squeeze(2).mean(1)
 
         with torch.no_grad():
             theta = torch.nn.utils.parameters_to_vector(params).detach().clone()
-            theta, info = self.optimizer.step(loss_fn, theta)
+            theta, info = self.optimizer.step(losses, theta, batched=True)
             torch.nn.utils.vector_to_parameters(theta, params)
         self.queries = self.oracle.queries
         return {"loss": info["loss"], "correct": int((mean_probs.argmax(1) == y).sum()),
