@@ -144,3 +144,21 @@ def test_report_over_the_sweep_equals_the_summaries(sweep, tmp_path):
         assert label == "lora (vit_tiny)" and len(members) == 2
         values = next(v for c, _, v in members if c.path == cert.path)
         assert values == pytest.approx(expected, abs=1e-6)
+
+
+@pytest.mark.parametrize("script", ["digits_small.sh", "cifar10_vit_comparison.sh", "certify_multigpu.sh"])
+def test_scripts_parse(script):
+    import subprocess
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / script
+    assert os.access(path, os.X_OK)
+    proc = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_certify_multigpu_usage_is_exit_2():
+    import subprocess
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "certify_multigpu.sh"
+    proc = subprocess.run(["bash", str(path), "everywhere", "4"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "certify_multigpu.sh local K" in proc.stderr
