@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import math
 import time
 from dataclasses import dataclass
@@ -257,7 +258,7 @@ class Smooth:
     # --- helpers ------------------------------------------------------------------------------
 
     def _device(self, x: torch.Tensor) -> torch.device:
-        for tensor in (*self.base_classifier.parameters(), *self.base_classifier.buffers()):
+        for tensor in itertools.chain(self.base_classifier.parameters(), self.base_classifier.buffers()):
             return tensor.device
         return x.device
 

@@ -160,6 +160,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--batch-size", nargs="+", default=["400"], help="ints, or auto")
     parser.add_argument("--precision", nargs="+", default=["fp32", "bf16"])
     parser.add_argument("--compile", nargs="+", default=["false"], help="false and/or true")
+    parser.add_argument("--compile-mode", default="default", help="torch.compile mode (reduce-overhead: CUDA graphs)")
     parser.add_argument("--channels-last", nargs="+", default=["false"])
     parser.add_argument("--n0", type=int, default=100)
     parser.add_argument("--n", type=int, default=10000)
@@ -199,7 +200,8 @@ def main(argv=None) -> list[dict]:
                         torch.cuda.reset_peak_memory_stats(device)
                     model = eager.to(memory_format=torch.channels_last) if _bool(cl_text) else eager
                     g = Smooth(model, args.num_classes, args.sigma, precision=precision, channels_last=_bool(cl_text))
-                    compile_error = maybe_compile(g, batch_size, args.image_size, device) if _bool(compile_text) else None
+                    compile_error = (maybe_compile(g, batch_size, args.image_size, device, args.compile_mode)
+                                     if _bool(compile_text) else None)
                     fns = {"ours": lambda: g.certify(x, args.n0, args.n, 0.001, batch_size, seed=0)}
                     if not args.no_reference:
                         fns["reference"] = lambda: cohen_certify(eager, x, args.n0, args.n, batch_size, args.sigma,
@@ -213,6 +215,7 @@ def main(argv=None) -> list[dict]:
                         "device": str(device), "device_name": name, "threads": torch.get_num_threads(),
                         "batch_size": batch_size, "max_batch_after_oom": g.max_batch, "precision": precision,
                         "compile": _bool(compile_text) and compile_error is None, "compile_error": compile_error,
+                        "compile_mode": args.compile_mode if _bool(compile_text) else None,
                         "channels_last": _bool(cl_text), "n0": args.n0, "n": args.n, "repeats": args.repeats,
                         "samples_per_second": ours, "reference_samples_per_second": ref,
                         "speedup": ours / ref if ref else None, "flops_per_sample": flops,

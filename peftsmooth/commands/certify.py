@@ -85,6 +85,7 @@ class Settings:
     resume: str | None
     precision: str
     compile: bool
+    compile_mode: str
     channels_last: bool
     merge_adapters: bool
     pack: bool
@@ -113,11 +114,15 @@ def read_settings(c) -> Settings:
             f"certify.shard={c.get('shard')} must be an integer in [0, certify.num_shards={c.get('num_shards')})")
     if str(c.get("precision")) not in PRECISIONS:
         raise choice_error("certify.precision", c.get("precision"), PRECISIONS)
+    compile_modes = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+    if str(c.get("compile_mode", "default")) not in compile_modes:
+        raise choice_error("certify.compile_mode", c.get("compile_mode"), compile_modes)
     grid = list(c.get("radius_grid") or [])
     require(all(isinstance(r, (int, float)) and r >= 0 for r in grid), f"certify.radius_grid={grid} must be radii >= 0")
     return Settings(mode=str(c.mode), n0=int(c.n0), n=int(c.n), alpha=float(alpha), batch_size=bs, skip=int(c.skip),
                     start=int(c.start), max=c.get("max"), shard=int(c.shard), num_shards=int(c.num_shards),
                     resume=c.get("resume"), precision=str(c.precision), compile=bool(c.compile),
+                    compile_mode=str(c.get("compile_mode", "default")),
                     channels_last=bool(c.channels_last), merge_adapters=bool(c.merge_adapters),
                     pack=bool(c.get("pack", True)), radius_grid=[float(r) for r in grid])
 
@@ -186,12 +191,12 @@ def check_num_classes(model: nn.Module, num_classes: int, image_size) -> None:
             f"the classifier outputs {logits.shape[-1]} classes but dataset.num_classes={num_classes}")
 
 
-def maybe_compile(g: Smooth, batch_size: int, image_size, device: torch.device) -> str | None:
+def maybe_compile(g: Smooth, batch_size: int, image_size, device: torch.device, mode: str | None = None) -> str | None:
     """torch.compile the base classifier, warmed up outside the timed loop; falls back to eager
-    (returns the error) when compilation fails."""
+    (returns the error) when compilation fails. mode="reduce-overhead" adds CUDA graphs."""
     eager = g.base_classifier
     try:
-        g.base_classifier = torch.compile(eager)
+        g.base_classifier = torch.compile(eager, mode=None if mode in (None, "default") else mode)
         g.pad_batches = True  # one fixed shape: no recompilation for the last, partial batch
         warm = torch.zeros(batch_size, *[int(s) for s in image_size], device=device)
         with torch.no_grad():
@@ -283,7 +288,7 @@ def run_certify(cfg) -> dict:
         model = model.to(memory_format=torch.channels_last)
     batch_size = AUTO_BATCH.get(device.type, 256) if s.batch_size == "auto" else int(s.batch_size)
     g = Smooth(model, source["num_classes"], sigma, precision=s.precision, channels_last=s.channels_last)
-    compile_error = maybe_compile(g, batch_size, image_size, device) if s.compile else None
+    compile_error = maybe_compile(g, batch_size, image_size, device, s.compile_mode) if s.compile else None
     seed_everything(int(cfg.seed))
 
     meta = {
@@ -295,6 +300,7 @@ def run_certify(cfg) -> dict:
         "sigma_train": source["sigma_train"], "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
         "batch_size": batch_size, "compile": s.compile and compile_error is None, "compile_error": compile_error,
+        "compile_mode": s.compile_mode if s.compile else None,
         "channels_last": s.channels_last, "merged_adapters": merged, "pack": s.pack,
         "num_planned": len(indices), "argv": " ".join(sys.argv),
     }
