@@ -264,19 +264,31 @@ def test_report_command_writes_files(sweep, tmp_path):
     assert len(result["rows"]) == 7
 
 
-@pytest.mark.parametrize("args, needle", [
+@pytest.mark.parametrize("overrides, needle", [
     ([], "dirs is empty"),
-    (["/nonexistent/dir"], "is not a directory"),
-    (["{tmp}", "radius_grid=[-1]"], "radius_grid"),
-    (["{tmp}"], "no runs found"),
+    (["dirs=[/nonexistent/dir]"], "is not a directory"),
+    (["dirs=[{tmp}]", "radius_grid=[-1]"], "radius_grid"),
+    (["dirs=[{tmp}]", "radius_grid=[]"], "radius_grid"),
+    (["dirs=[{tmp}]"], "no runs found"),
 ])
-def test_report_bad_input_is_one_line(tmp_path, args, needle):
-    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
-    proc = subprocess.run([sys.executable, "-m", "peftsmooth", "report", *args, f"hydra.run.dir={tmp_path}/h"],
-                          capture_output=True, text=True, cwd=tmp_path)
+def test_report_bad_input(tmp_path, overrides, needle):
+    from conftest import compose
+
+    from peftsmooth.commands.report import run_report
+
+    cfg = compose("report", [o.replace("{tmp}", str(tmp_path)) for o in overrides], run_dir=tmp_path / "h")
+    with pytest.raises(UserError, match=needle):
+        run_report(cfg)
+    assert not (tmp_path / "report.md").exists()
+
+
+def test_report_bad_input_is_one_line_and_exit_2(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "peftsmooth", "report", str(tmp_path / "missing"),
+                           f"hydra.run.dir={tmp_path}/h"], capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("peftsmooth report: error:") and needle in lines[0], proc.stderr
+    assert len(lines) == 1 and lines[0].startswith("peftsmooth report: error: dirs:"), proc.stderr
+    assert not (tmp_path / "h").exists()  # the run dir of a command that did nothing is removed
 
 
 def test_run_certified_at_another_sigma_is_labelled(tmp_path):
