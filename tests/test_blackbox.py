@@ -271,3 +271,34 @@ def test_cli_bad_spsa_value_is_one_line_exit_2(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "spsa.c=0" in lines[0] and "> 0" in lines[0]
     assert not run_dir.exists()
+
+
+def test_resumed_spsa_run_matches_the_uninterrupted_run(tmp_path, fitted_state):
+    from torch.utils.data import TensorDataset
+
+    from peftsmooth.training import TrainSettings, fit
+
+    x, y = _digits(64)
+    data = TensorDataset(x, y)
+
+    def run(run_dir, epochs):
+        run_dir.mkdir(exist_ok=True)
+        adapt = BlackBoxSPSA(10, IMAGE, COORD, dict(pairs=2, lr=0.01), seed=0)
+        model = adapt.apply(_classifier(fitted_state))
+        step, adapt.calls = adapt.training_step, 0
+
+        def counted(*args):
+            adapt.calls += 1
+            return step(*args)
+
+        adapt.training_step = counted
+        fit(model, data, sigma=0.5, settings=TrainSettings(epochs=epochs, batch_size=32), run_dir=run_dir,
+            seed=0, device=torch.device("cpu"), step_hook=adapt, progress=False)
+        return model.front.trainable_state_dict(), adapt
+
+    whole, adapt_whole = run(tmp_path / "whole", 2)
+    run(tmp_path / "split", 1)
+    resumed, adapt_resumed = run(tmp_path / "split", 2)     # a new process would start like this
+    assert adapt_resumed.calls == 2                          # only the second epoch ran (2 batches)
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+    assert adapt_resumed.queries == adapt_whole.queries == 2 * 2 * 2 * 64
