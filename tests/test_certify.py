@@ -214,3 +214,20 @@ def test_resume_may_extend_the_selection(run_dir, reference, tmp_path):
     assert extended["acr"] == summary["acr"] and extended["complete"]
     with pytest.raises(UserError, match="selection"):
         run_certify(compose("certify", [f"run={run_dir}", *SMALL, "certify.max=1"], run_dir=tmp_path))
+
+
+def test_certify_dir_is_deterministic_for_runs(run_dir):
+    from peftsmooth.commands.certify import certify_dir
+
+    args = dict(resume=None, run=str(run_dir), mode="cohen", sigma=None, n=64, model="vit", dataset="digits",
+                stamp="T", shard=0, num_shards=1)
+    assert certify_dir(**args) == str(run_dir / "certify" / "cohen_sigma0.25_n64")  # the run's sigma
+    assert certify_dir(**(args | dict(sigma=0.5, shard=1, num_shards=2))) == str(
+        run_dir / "certify" / "cohen_sigma0.5_n64" / "shard1of2")
+    assert certify_dir(**(args | dict(resume="/some/dir"))) == "/some/dir"
+    assert certify_dir(**(args | dict(run=None))).endswith("outputs/certify/cohen_vit_digits/T")
+
+
+def test_resume_needs_a_certify_tsv(run_dir, tmp_path):
+    with pytest.raises(UserError, match="certify.resume"):
+        run_certify(compose("certify", [f"run={run_dir}", *SMALL, f"certify.resume={tmp_path}"], run_dir=tmp_path))
