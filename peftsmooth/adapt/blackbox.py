@@ -78,6 +78,21 @@ class QueryOracle:
         return logits.float().softmax(dim=-1).detach()
 
 
+def _all_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum over data-parallel ranks (under torchrun), so every rank takes the same SPSA step."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t
+
+
+def _world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 def _device(module: nn.Module) -> torch.device:
     return next(iter(module.parameters()), torch.zeros(0)).device
 
@@ -178,6 +193,9 @@ class BlackBoxSPSA(_CoordinatorAdaptation):
     def training_step(self, model: nn.Module, x_noisy: torch.Tensor, y: torch.Tensor) -> dict:
         """One SPSA-GC update of the coordinator's trainable parameters; no backward pass anywhere.
 
+        Data parallel (if the loop runs it under torchrun): each rank queries its own shard and the 2q losses are
+        averaged over ranks, so all ranks take the same step (perturbations are seeded by step).
+
         Returns what the shared loop logs: `loss` (mean of the 2q perturbed losses), `correct`
         (argmax of the mean perturbed probabilities; the perturbations are small) and `queries`
         (images sent to the classifier in this step; the loop sums it per epoch).
@@ -198,15 +216,15 @@ class BlackBoxSPSA(_CoordinatorAdaptation):
             probs = self.oracle(torch.cat(inputs)).view(len(points), len(y), self.num_classes)
             mean_probs = probs.mean(0)
             log_p = probs.clamp_min(1e-12).log().gather(2, y.view(1, -1, 1).expand(len(points), -1, 1))
-            return -log_p.squeeze(2).mean(1)
+            return _all_sum(-log_p.squeeze(2).mean(1)) / _world_size()   # every rank: the same losses
 
         with torch.no_grad():
             theta = torch.nn.utils.parameters_to_vector(params).detach().clone()
             theta, info = self.optimizer.step(losses, theta, batched=True)
             torch.nn.utils.vector_to_parameters(theta, params)
-        self.queries = self.oracle.queries
-        return {"loss": info["loss"], "correct": int((mean_probs.argmax(1) == y).sum()),
-                "queries": self.oracle.queries - before}
+        local = self.oracle.queries - before
+        self.queries += int(_all_sum(torch.tensor([local], device=y.device)).item())   # all ranks, for run.json
+        return {"loss": info["loss"], "correct": int((mean_probs.argmax(1) == y).sum()), "queries": local}
 
     def state_dict(self) -> dict:
         """SPSA state for resuming (step counter, momentum, query count)."""
@@ -216,5 +234,3 @@ class BlackBoxSPSA(_CoordinatorAdaptation):
         if state.get("spsa") is not None and self.optimizer is not None:
             self.optimizer.load_state_dict(state["spsa"])
         self.queries = int(state.get("queries", 0))
-        if self.oracle is not None:
-            self.oracle.queries = self.queries
