@@ -193,8 +193,9 @@ class BlackBoxSPSA(_CoordinatorAdaptation):
     def training_step(self, model: nn.Module, x_noisy: torch.Tensor, y: torch.Tensor) -> dict:
         """One SPSA-GC update of the coordinator's trainable parameters; no backward pass anywhere.
 
-        Data parallel (if the loop runs it under torchrun): each rank queries its own shard and the 2q losses are
-        averaged over ranks, so all ranks take the same step (perturbations are seeded by step).
+        Data parallel (if the loop runs it under torchrun): each rank queries its own shard and the
+        2q losses are averaged over ranks, so all ranks take the same step (perturbations are
+        seeded by the step number).
 
         Returns what the shared loop logs: `loss` (mean of the 2q perturbed losses), `correct`
         (argmax of the mean perturbed probabilities; the perturbations are small) and `queries`
