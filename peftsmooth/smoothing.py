@@ -192,12 +192,14 @@ class Smooth:
         stream = NoiseStream(seed, phase, x.shape, self.sigma, self._device(x))
         return self._count([(x, stream, num)], batch_size)[0]
 
-    @torch.no_grad()
     def _count(self, segments: list[tuple[torch.Tensor, NoiseStream, int]], batch_size: int) -> np.ndarray:
         """Counts (len(segments), num_classes): segment i is `num` samples of f(x_i + stream_i).
+        The one host synchronization of a phase is here."""
+        return self._count_on_device(segments, batch_size).cpu().numpy()
 
-        Batches are filled across segment boundaries; the counts stay on the device until the end.
-        """
+    @torch.no_grad()
+    def _count_on_device(self, segments: list[tuple[torch.Tensor, NoiseStream, int]], batch_size: int) -> torch.Tensor:
+        """The counts as a device tensor; batches are filled across segment boundaries."""
         device = self._device(segments[0][0])
         counts = torch.zeros(len(segments) * self.num_classes, dtype=torch.long, device=device)
         pieces, filled = [], 0
@@ -213,7 +215,7 @@ class Smooth:
                     pieces, filled = [], 0
         if pieces:
             self._count_batch(pieces, counts, batch_size)
-        return counts.view(len(segments), self.num_classes).cpu().numpy()
+        return counts.view(len(segments), self.num_classes)
 
     def _count_batch(self, pieces: list[tuple[int, torch.Tensor]], counts: torch.Tensor, batch_size: int) -> None:
         batch = pieces[0][1] if len(pieces) == 1 else torch.cat([p for _, p in pieces])

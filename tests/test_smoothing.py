@@ -191,3 +191,24 @@ def test_bad_constructor_arguments():
     g = Smooth(Linear2(W, 0.0), 3, 0.5)  # the classifier returns 2 classes
     with pytest.raises(ValueError, match="classes"):
         g.predict(point_at_distance(0.1), 10, 0.01, 10)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (host synchronization and GPU memory)")
+def test_gpu_phase_has_no_host_sync_and_memory_independent_of_n():
+    from peftsmooth.smoothing import NoiseStream
+
+    f = Linear2(W, 0.0).cuda()
+    g = Smooth(f, 2, 0.5)
+    x = point_at_distance(0.1).cuda()
+    peaks = []
+    for n in (2_000, 20_000):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.set_sync_debug_mode("error")  # any device-to-host synchronization raises
+        try:
+            counts = g._count_on_device([(x, NoiseStream(1, "estimation", x.shape, 0.5, x.device), n)], 500)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        assert int(counts.sum()) == n
+        peaks.append(torch.cuda.max_memory_allocated())
+    assert peaks[1] <= peaks[0] * 1.1 + 2**20
