@@ -58,7 +58,7 @@ class RandomEncoder(FrozenEncoder):
 
     def __init__(self, in_chans: int, width: int = 16, depth: int = 2, downsample: int = 1, seed: int = 0, **_):
         super().__init__()
-        require(width >= 1 and depth >= 1, f"coordinator.encoder: width={width} and depth={depth} must be >= 1")
+        require(width >= 1 and depth >= 1, f"peft.coordinator.encoder: width={width} and depth={depth} must be >= 1")
         gen = torch.Generator().manual_seed(int(seed))
         layers: list[nn.Module] = []
         chans = in_chans
@@ -89,17 +89,18 @@ class TimmEncoder(FrozenEncoder):
         kwargs = {}
         if weights:
             path = Path(str(weights)).expanduser()
-            require(path.is_file(), f"coordinator.encoder.weights={weights}: file not found")
+            require(path.is_file(), f"peft.coordinator.encoder.weights={weights}: file not found")
             kwargs["pretrained_cfg_overlay"] = dict(file=str(path), custom_load=False)
             pretrained = True
         if not timm.is_model(str(model).split(".")[0]):
-            raise UserError(f"coordinator.encoder.model={model} is not a timm model (see timm.list_models())")
+            raise UserError(f"peft.coordinator.encoder.model={model} is not a timm model (see timm.list_models())")
         try:
             self.net = timm.create_model(str(model), pretrained=bool(pretrained), features_only=True,
                                          out_indices=(int(stage),), **kwargs)
         except (OSError, ConnectionError, RuntimeError) as err:
             raise UserError(f"could not build the coordinator encoder {model} ({type(err).__name__}); offline, set "
-                            f"coordinator.encoder.weights=/path/file.safetensors or coordinator.encoder.pretrained=false") from err
+                            f"peft.coordinator.encoder.weights=/path/file.safetensors "
+                            f"or peft.coordinator.encoder.pretrained=false") from err
         cfg = self.net.pretrained_cfg
         self.input_size = int(input_size) if input_size else None
         self.register_buffer("mean", torch.tensor(cfg["mean"]).view(1, -1, 1, 1), persistent=False)
@@ -120,7 +121,7 @@ def build_encoder(cfg: dict, in_chans: int) -> FrozenEncoder:
     cfg = dict(cfg or {})
     name = cfg.pop("name", "random")
     if name not in ENCODERS:
-        raise choice_error("coordinator.encoder.name", name, ENCODERS)
+        raise choice_error("peft.coordinator.encoder.name", name, ENCODERS)
     return ENCODERS[name](in_chans=in_chans, **cfg)
 
 
@@ -149,9 +150,9 @@ class Coordinator(nn.Module):
                  eps: float = 1.0):
         super().__init__()
         if mode not in MODES:
-            raise choice_error("coordinator.mode", mode, MODES)
-        require(hidden >= 1, f"coordinator.hidden={hidden} must be >= 1")
-        require(eps > 0, f"coordinator.eps={eps} must be > 0")
+            raise choice_error("peft.coordinator.mode", mode, MODES)
+        require(hidden >= 1, f"peft.coordinator.hidden={hidden} must be >= 1")
+        require(eps > 0, f"peft.coordinator.eps={eps} must be > 0")
         c, h, w = (int(v) for v in image_size)
         self.image_size, self.mode, self.eps = (c, h, w), mode, float(eps)
         self.encoder = build_encoder(encoder or {}, c)

@@ -39,14 +39,17 @@ class SPSAConfig:
     momentum: float = 0.9     # beta: gradient-correction (Nesterov) momentum, 0 = plain SPSA
 
     def __post_init__(self) -> None:
+        for key, value in asdict(self).items():
+            require(isinstance(value, (int, float)) and not isinstance(value, bool),
+                    f"peft.spsa.{key}={value!r} must be a number")
         require(int(self.pairs) == self.pairs and self.pairs >= 1,
-                f"spsa.pairs={self.pairs} must be an integer >= 1 (perturbation pairs per step)")
-        require(self.lr > 0, f"spsa.lr={self.lr} must be > 0")
-        require(self.lr_decay >= 0, f"spsa.lr_decay={self.lr_decay} must be >= 0")
-        require(self.stability >= 0, f"spsa.stability={self.stability} must be >= 0")
-        require(self.c > 0, f"spsa.c={self.c} must be > 0 (perturbation size)")
-        require(self.c_decay >= 0, f"spsa.c_decay={self.c_decay} must be >= 0")
-        require(0 <= self.momentum < 1, f"spsa.momentum={self.momentum} must be in [0, 1)")
+                f"peft.spsa.pairs={self.pairs} must be an integer >= 1 (perturbation pairs per step)")
+        require(self.lr > 0, f"peft.spsa.lr={self.lr} must be > 0")
+        require(self.lr_decay >= 0, f"peft.spsa.lr_decay={self.lr_decay} must be >= 0")
+        require(self.stability >= 0, f"peft.spsa.stability={self.stability} must be >= 0")
+        require(self.c > 0, f"peft.spsa.c={self.c} must be > 0 (perturbation size)")
+        require(self.c_decay >= 0, f"peft.spsa.c_decay={self.c_decay} must be >= 0")
+        require(0 <= self.momentum < 1, f"peft.spsa.momentum={self.momentum} must be in [0, 1)")
 
     def as_dict(self) -> dict:
         return asdict(self)

@@ -70,7 +70,8 @@ def test_gains_decay():
 
 
 @pytest.mark.parametrize("bad", [dict(c=0), dict(c=-0.1), dict(pairs=0), dict(pairs=1.5), dict(lr=0),
-                                 dict(momentum=1.0), dict(momentum=-0.1), dict(lr_decay=-1), dict(c_decay=-1)])
+                                 dict(momentum=1.0), dict(momentum=-0.1), dict(lr_decay=-1), dict(c_decay=-1),
+                                 dict(c="big"), dict(pairs=None)])
 def test_out_of_range_hyperparameters_are_user_errors(bad):
     with pytest.raises(UserError, match="spsa\\."):
         SPSAConfig(**bad)

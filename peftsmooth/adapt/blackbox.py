@@ -22,7 +22,6 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from peftsmooth.coordinator import Coordinator
 from peftsmooth.errors import UserError, require
@@ -72,8 +71,8 @@ class QueryOracle:
             chunks = x.split(self.max_batch) if self.max_batch else (x,)
             logits = torch.cat([self._classify(chunk) for chunk in chunks])
         if logits.dim() != 2 or logits.shape != (x.shape[0], self.num_classes):
-            raise UserError(f"the classifier returns shape {tuple(logits.shape)} for {x.shape[0]} images, not a vector of "
-                            f"dataset.num_classes={self.num_classes} class scores per image")
+            raise UserError(f"the classifier returns shape {tuple(logits.shape)} for {x.shape[0]} images, "
+                            f"not a vector of dataset.num_classes={self.num_classes} class scores per image")
         self.queries += int(x.shape[0])
         return logits.float().softmax(dim=-1).detach()
 
@@ -124,8 +123,10 @@ class _CoordinatorAdaptation:
     def apply(self, classifier: nn.Module) -> nn.Module:
         seal(classifier)
         self._check_output(classifier)
-        torch.manual_seed(self.seed)
-        classifier.front = self.build_coordinator().to(_device(classifier))
+        with torch.random.fork_rng(devices=[]):   # seeded decoder init, without touching the caller's RNG
+            torch.manual_seed(self.seed)
+            coordinator = self.build_coordinator()
+        classifier.front = coordinator.to(_device(classifier))
         return classifier
 
     def save(self, model: nn.Module, run_dir: Path) -> list[str]:
