@@ -114,8 +114,9 @@ def timed(fns: dict, repeats: int, device) -> dict:
         fn()
     _sync(device)
     times = {key: [] for key in fns}
-    for _ in range(repeats):
-        for key, fn in fns.items():
+    for rep in range(repeats):
+        order = list(fns.items())
+        for key, fn in (order if rep % 2 == 0 else order[::-1]):  # alternate who goes first
             start = time.perf_counter()
             fn()
             _sync(device)
