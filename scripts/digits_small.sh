@@ -28,7 +28,7 @@ if [[ -n "${LAUNCHER:-}" ]]; then LAUNCH+=("hydra/launcher=${LAUNCHER}"); fi
 # A 16x16 ViT (patch 4, depth 4, width 96) is plenty for 8x8 digits and trains in seconds per epoch.
 DATA=(dataset=digits model=vit_tiny model.input_size=16 model.kwargs.img_size=16 "device=${DEVICE}")
 FIT=(train.num_workers=0)            # digits live in memory: DataLoader worker processes only cost time
-CERT=("certify.n0=${N0}" "certify.n=${N}" "certify.skip=${SKIP}")
+CERT=("certify.n0=${N0}" "certify.n=${N}" "certify.skip=${SKIP}" "device=${DEVICE}")
 
 runs_under() {  # the run directories (holding run.json) below the given dirs, comma-separated
   find "$@" -name run.json -not -path '*/.*' -printf '%h\n' | sort | paste -sd, -
