@@ -260,7 +260,9 @@ def run_certify(cfg) -> dict:
     model, source = load_classifier(cfg)
     sigma = cfg.sigma if cfg.get("sigma") is not None else source["sigma_train"]
     require(sigma is not None, "sigma=null: give the noise level to certify at, e.g. sigma=0.25 (required with model=...)")
-    require(isinstance(sigma, (int, float)) and float(sigma) > 0, f"sigma={sigma} must be > 0 to certify")
+    require(isinstance(sigma, (int, float)) and float(sigma) > 0,
+            f"sigma={sigma} must be > 0 to certify" if cfg.get("sigma") is not None else
+            f"the run was trained at sigma={sigma}: give the noise level to certify at, e.g. sigma=0.25")
     sigma = float(sigma)
     dataset_cfg = source.pop("dataset_cfg")
     image_size = list(dataset_cfg.image_size)
