@@ -200,6 +200,7 @@ def test_bad_input_exits_2_with_one_line(args, message, tmp_path):
     (["train.loss=hinge"], "train.loss"),
     (["base=/no/such/run"], "not a run directory"),
     (["resume=/no/such/run"], "no such directory"),
+    (["train.epochs=0"], "untrained adapter"),
 ])
 def test_bad_input_is_a_user_error_before_any_output(args, message, tmp_path):
     with pytest.raises(UserError, match=message):

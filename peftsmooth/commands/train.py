@@ -119,7 +119,10 @@ def run_train(cfg) -> dict:
     model_cfg, model_name, base = resolve_model(cfg)
     sigma = float(cfg.sigma)
     method = getattr(adapt, "name", None) or _choice("peft", "custom")
-    trains = bool(getattr(adapt, "trains", True)) and settings.epochs > 0
+    trains = bool(getattr(adapt, "trains", True))
+    require(settings.epochs > 0 or not trains,
+            f"train.epochs=0 with peft={method} would save an untrained adapter; give train.epochs >= 1, "
+            f"or use peft=none to evaluate / certify the model as it is")
 
     # ---- data (a missing dataset fails here, before anything is written)
     test_set = build_dataset(cfg.dataset, "test", augment=False)
@@ -161,7 +164,7 @@ def run_train(cfg) -> dict:
                      evaluate=evaluate, save=adapt.save, config=fingerprint, seed=int(cfg.seed), device=device,
                      step_hook=step_hook, dist_info=dist_info, describe=f"train {method}")
         metrics, files = result["metrics"], result["files"]
-    else:  # peft=none (or epochs=0): evaluate once, save whatever the method saves
+    else:  # peft=none: evaluate once, save whatever the method saves
         model.to(dist_info.device)
         metrics = {"epoch": 0, "step": 0, "loss": None, "train_acc": None, **evaluate(model, dist_info),
                    "lr": None, "time": 0.0}
