@@ -281,6 +281,10 @@ def run_certify(cfg) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     if s.resume:
         require((out / results.TSV_FILE).is_file(), f"certify.resume={s.resume} holds no {results.TSV_FILE} to resume")
+    identity = {"mode": s.mode, "n0": s.n0 if s.mode == "cohen" else None, "n": s.n, "alpha": s.alpha, "sigma": sigma,
+                "seed": int(cfg.seed), "precision": s.precision, "dataset": str(dataset_cfg.name)}
+    wanted = set(indices)
+    rows = _resume_rows(out, identity, wanted)  # checked before any compilation or sampling
 
     merged = []
     if s.merge_adapters:
@@ -294,9 +298,7 @@ def run_certify(cfg) -> dict:
     seed_everything(int(cfg.seed))
 
     meta = {
-        "mode": s.mode, "n0": s.n0 if s.mode == "cohen" else None, "n": s.n, "alpha": s.alpha, "sigma": sigma,
-        "seed": int(cfg.seed), "precision": s.precision, "dataset": str(dataset_cfg.name),
-        "skip": s.skip, "start": s.start, "max": s.max,
+        **identity, "skip": s.skip, "start": s.start, "max": s.max,
         "run": source["run"], "method": source["method"], "model_name": source["model_name"],
         "trainable_params": source["trainable_params"], "total_params": source["total_params"],
         "sigma_train": source["sigma_train"], "device": str(device),
@@ -308,8 +310,6 @@ def run_certify(cfg) -> dict:
     }
     if s.num_shards > 1:
         meta.update(shard=s.shard, num_shards=s.num_shards)
-    wanted = set(indices)
-    rows = _resume_rows(out, meta, wanted)
     todo = [i for i in indices if i not in {r["idx"] for r in rows}]
     results.write_results(out, rows, s.radius_grid, **meta)  # settings on disk before the first row
 
