@@ -231,3 +231,45 @@ def test_torchrun_two_processes_matches_single_process_files(tmp_path):
     assert info["finished"] and info["trainable_params"] == read_run_info(tmp_path / "single")["trainable_params"]
     model, _ = load_run(tmp_path / "ddp")
     assert model(torch.rand(2, 1, 8, 8)).shape == (2, 10)
+
+
+def test_grad_accumulation_counts_optimizer_steps(tmp_path):
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    data = TensorDataset(torch.rand(64, 1, 8, 8), torch.randint(0, 10, (64,)))
+    settings = TrainSettings(epochs=2, batch_size=8, grad_accum=2, warmup_epochs=0)
+    out = fit(model, data, sigma=0.25, settings=settings, run_dir=tmp_path, evaluate=None, progress=False)
+    assert [m["step"] for m in out["history"]] == [4, 8]  # 8 micro-batches per epoch / 2
+
+
+class CountingHook:
+    """A stand-in for a zeroth-order method: updates in place, reports queries, has state."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def training_step(self, model, x_noisy, y):
+        self.calls += 1
+        with torch.no_grad():
+            model[1].bias.add_(0.01)
+        return {"loss": 1.0 / self.calls, "correct": 1, "queries": 2 * len(y)}
+
+    def state_dict(self):
+        return {"calls": self.calls}
+
+    def load_state_dict(self, state):
+        self.calls = int(state["calls"])
+
+
+def test_training_step_hook_replaces_backward_and_logs_its_fields(tmp_path):
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    data = TensorDataset(torch.rand(32, 1, 8, 8), torch.randint(0, 10, (32,)))
+    hook = CountingHook()
+    bias = model[1].bias.detach().clone()
+    settings = TrainSettings(epochs=2, batch_size=8)
+    out = fit(model, data, sigma=0.25, settings=settings, run_dir=tmp_path, evaluate=None, step_hook=hook,
+              progress=False)
+    assert hook.calls == 8
+    assert [m["queries"] for m in read_metrics(tmp_path)] == [64, 64]
+    assert out["metrics"]["lr"] is None and out["metrics"]["train_acc"] == 4 / 32
+    assert torch.allclose(model[1].bias.detach(), bias + 0.08)  # only the hook's in-place updates
+    assert training.read_checkpoint(tmp_path)["hook"] == {"calls": 8}
