@@ -4,6 +4,14 @@ An adaptation object has three methods:
   apply(classifier)          -> the model to train (what is trainable is set here)
   save(model, run_dir)       -> writes its weights in the run directory, returns the file names
   load(classifier, run_dir)  -> the trained model rebuilt from run_dir (used by certify)
+and optionally: `name` (run.json's method), `trains = False` (evaluate only, like NoAdaptation),
+`training_step(model, x_noisy, y) -> dict` (zeroth-order methods: called by the training loop
+instead of backward/step, see peftsmooth.training), `state_dict()` / `load_state_dict()` (its
+state, checkpointed for resume) and `extra_run_info() -> dict` (fields added to run.json).
+
+Implementations: peft_tuners.PeftTuner (LoRA, LoHa, LoKr, IA3, OFT, BOFT, VeRA from `peft`),
+prompt.VisualPromptTuning, bottleneck.BottleneckAdapters, baselines.LinearProbe / FullFineTuning,
+blackbox (coordinators for the black-box setting). `build_adaptation(cfg.peft)` instantiates one.
 """
 
 from __future__ import annotations
