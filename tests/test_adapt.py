@@ -32,13 +32,6 @@ EXPECTED_TRAINABLE = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the tiny models are faster single-threaded on a shared machine
-    yield
-    torch.set_num_threads(threads)
-
 
 def _setup(method, tmp_path, extra=()):
     cfg = compose("train", TINY + [f"peft={method}", *extra])

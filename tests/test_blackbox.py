@@ -19,13 +19,6 @@ IMAGE = [1, 8, 8]
 COORD = dict(hidden=4, encoder=dict(name="random", width=8, depth=2, downsample=0))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: single-threaded is faster on a shared machine
-    yield
-    torch.set_num_threads(threads)
-
 
 def _digits(n: int, seed: int = 0):
     """Real digits (what the classifier below was fitted on), a fixed seeded subset."""
@@ -40,8 +33,6 @@ def _digits(n: int, seed: int = 0):
 @pytest.fixture(scope="module")
 def fitted_state():
     """A small clean classifier for digits (8x8 native, BaseClassifier preprocessing), fitted once."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     torch.manual_seed(0)
     clf = _classifier()
     x, y = _digits(1000, seed=1)
@@ -51,7 +42,6 @@ def fitted_state():
         opt.zero_grad()
         loss.backward()
         opt.step()
-    torch.set_num_threads(threads)
     return {k: v.clone() for k, v in clf.state_dict().items()}
 
 

@@ -31,13 +31,6 @@ SCHEMA = {"format", "created", "command", "method", "model", "model_name", "data
 BIN = Path(sys.executable).parent
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _train(run_dir, *overrides):
     cfg = compose("train", TINY + QUICK + list(overrides), run_dir=run_dir)
