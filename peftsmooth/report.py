@@ -32,8 +32,7 @@ from typing import Iterable, Sequence
 
 from peftsmooth import results
 from peftsmooth.errors import UserError
-
-RUN_FILE = "run.json"
+from peftsmooth.runs import RUN_FILE
 TSV_FILE = results.TSV_FILE
 SUMMARY_FILE = results.SUMMARY_FILE
 DEFAULT_RADII = (0.25, 0.5, 0.75, 1.0)

@@ -20,6 +20,13 @@ from peftsmooth.errors import UserError
 
 RUN_FILE = "run.json"
 RUN_FORMAT = 1
+INIT_FILE = "init.safetensors"  # the starting weights of a randomly initialised backbone
+
+
+def is_random_init(model_cfg) -> bool:
+    """True when nothing but the seed defines the backbone's weights (no hub, file or checkpoint):
+    such a run keeps them in INIT_FILE so that `load_run` can rebuild it exactly."""
+    return not (model_cfg.get("pretrained") or model_cfg.get("weights") or model_cfg.get("checkpoint"))
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

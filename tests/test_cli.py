@@ -13,6 +13,7 @@ from peftsmooth.config import conf_dir, group_choices
 GROUPS = {
     "train": ["dataset", "model", "peft"],
     "certify": ["dataset", "model", "certify"],
+    "denoise-baseline": ["dataset", "model", "denoiser"],
 }
 
 

@@ -55,11 +55,11 @@ def run_demo(cfg) -> dict:
     _peftsmooth(console, "4/4 certify the LoRA-adapted classifier",
                 ["certify", f"run={lora}", *certify])
 
-    rows = {}
-    for name, run_dir in (("none (clean base)", base), ("lora", lora)):
+    rows = {}  # trainable params = what was trained to adapt to the noise (none for the clean base)
+    for name, run_dir, adapted in (("none (clean base)", base, False), ("lora", lora, True)):
         summary = read_json(_certify_dir(run_dir) / "summary.json")
-        info = read_json(run_dir / "run.json")
-        rows[name] = {"trainable_params": info.get("trainable_params"), **summary}
+        trainable = read_json(run_dir / "run.json").get("trainable_params") if adapted else 0
+        rows[name] = {**summary, "trainable_params": trainable}
     lora_cert = _certify_dir(lora)
     shutil.copy(lora_cert / "summary.json", out / "summary.json")
     shutil.copy(lora_cert / "curve.png", out / "curve.png")

@@ -25,11 +25,10 @@ from omegaconf import OmegaConf
 
 from peftsmooth.config import hydra_app, output_dir
 from peftsmooth.errors import UserError
-from peftsmooth.runs import to_plain
+from peftsmooth.runs import INIT_FILE, is_random_init, to_plain
 
 log = logging.getLogger("peftsmooth.denoise")
 
-INIT_FILE = "init.safetensors"
 # Keys that may change between a run and its resumption (they do not change the numbers).
 RESUME_FREE = ("hydra", "resume", "device", "train.num_workers", "train.eval_batch_size")
 
@@ -99,7 +98,7 @@ def _classifier(cfg, base: dict | None, run_dir: Path):
                   "input_size": base.get("input_size"), "dataset": base.get("dataset") or cfg.dataset}
         return classifier, fields
     model_cfg = OmegaConf.create(to_plain(cfg.model))
-    fresh = not (model_cfg.get("pretrained") or model_cfg.get("weights") or model_cfg.get("checkpoint"))
+    fresh = is_random_init(model_cfg)
     kept = run_dir / INIT_FILE
     if fresh and kept.is_file():  # a resumed run: the same random classifier as before
         model_cfg.checkpoint = str(kept)

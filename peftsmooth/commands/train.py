@@ -20,7 +20,6 @@ from peftsmooth.errors import UserError, require
 
 log = logging.getLogger("peftsmooth.train")
 
-INIT_FILE = "init.safetensors"
 # Keys that may change between a run and its resumption (they do not change the numbers).
 RESUME_FREE = ("hydra", "resume", "device", "train.num_workers", "train.eval_batch_size")
 
@@ -96,7 +95,7 @@ def run_train(cfg) -> dict:
     from peftsmooth.data import build_dataset
     from peftsmooth.losses import build_objective
     from peftsmooth.models import build_classifier, count_parameters, save_state_dict_file
-    from peftsmooth.runs import to_plain, write_run_info
+    from peftsmooth.runs import INIT_FILE, is_random_init, to_plain, write_run_info
     from peftsmooth.runtime import resolve_device, seed_everything
     from peftsmooth.training import (METRICS, TrainSettings, accuracy_evaluator, broadcast_object,
                                      check_resume_config, init_distributed, read_checkpoint)
@@ -132,7 +131,7 @@ def run_train(cfg) -> dict:
     seed_everything(int(cfg.seed))
     num_classes, image_size = int(cfg.dataset.num_classes), list(cfg.dataset.image_size)
     classifier = build_classifier(model_cfg, num_classes, image_size)
-    fresh_init = not (model_cfg.get("pretrained") or model_cfg.get("weights") or model_cfg.get("checkpoint"))
+    fresh_init = is_random_init(model_cfg)
     if fresh_init:  # random init (tiny test models): keep it, so the run can be rebuilt exactly
         if dist_info.is_main:
             save_state_dict_file(classifier.backbone.state_dict(), run_dir / INIT_FILE)
