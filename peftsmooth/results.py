@@ -185,8 +185,15 @@ def plot_curve(rows: Sequence[dict], path: str | Path, *, acr: float, sigma: flo
     if title:
         ax.set_title(title, fontsize=9)
     fig.tight_layout()
+    save_figure(fig, path)
+
+
+def save_figure(fig, path: str | Path) -> None:
+    """Write a matplotlib figure atomically (temporary file + rename) and close it."""
+    import matplotlib.pyplot as plt
+
     path = Path(path)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
     fig.savefig(tmp, dpi=120)
     plt.close(fig)
     os.replace(tmp, path)

@@ -354,6 +354,24 @@ def read_checkpoint(run_dir: str | Path) -> dict | None:
         raise UserError(f"cannot read checkpoint {path} ({type(err).__name__}); delete it to start over") from err
 
 
+# Config keys that may change between a run and its resumption (they do not change the numbers).
+RESUME_FREE = ("hydra", "resume", "device", "train.num_workers", "train.eval_batch_size")
+
+
+def resume_fingerprint(cfg, free: tuple[str, ...] = RESUME_FREE) -> dict:
+    """The config a checkpoint must match to be resumed: `cfg` as plain data minus the `free` keys."""
+    from peftsmooth.runs import to_plain
+
+    plain = to_plain(cfg)
+    for dotted in free:
+        node, *rest = dotted.split(".")
+        if rest and isinstance(plain.get(node), dict):
+            plain[node].pop(rest[0], None)
+        elif not rest:
+            plain.pop(node, None)
+    return plain
+
+
 def check_resume_config(checkpoint: dict, config: Any, run_dir: Path) -> None:
     """A UserError naming the keys whose value differs from the checkpoint's config."""
     if config is None:
@@ -483,6 +501,7 @@ def fit(model: nn.Module, train_set: Dataset, *, sigma: float, settings: TrainSe
             t0 = time.time()
             sums: dict[str, float] = {}
             loss_sum = correct = seen = 0.0
+            scored = False  # whether the objective gave logits (an MSE denoiser objective does not)
             micro, done_steps = 0, 0
             if optimizer is not None:
                 optimizer.zero_grad(set_to_none=True)
@@ -494,6 +513,7 @@ def fit(model: nn.Module, train_set: Dataset, *, sigma: float, settings: TrainSe
                 if zeroth_order:
                     out = dict(step_hook.training_step(model, x_noisy, y))
                     loss_value = float(out.pop("loss"))
+                    scored = scored or "correct" in out
                     correct += float(out.pop("correct", 0))
                     for k, v in out.items():
                         if isinstance(v, (int, float)) and not isinstance(v, bool):
@@ -509,6 +529,7 @@ def fit(model: nn.Module, train_set: Dataset, *, sigma: float, settings: TrainSe
                         scaler.scale(loss / settings.grad_accum).backward()
                     loss_value = float(loss.detach())
                     if logits is not None:
+                        scored = True
                         correct += float((logits.detach().argmax(1) == y).sum())
                     stepped = last
                     if last:
@@ -530,9 +551,9 @@ def fit(model: nn.Module, train_set: Dataset, *, sigma: float, settings: TrainSe
             bar.remove_task(task)
             loss_sum, correct, seen, *extra = _all_sum([loss_sum, correct, seen, *sums.values()], dist_info)
             record = {"epoch": epoch, "step": step, "loss": loss_sum / max(seen, 1),
-                      "train_acc": correct / max(seen, 1), "clean_acc": None, "noisy_acc": None,
+                      "train_acc": correct / max(seen, 1) if scored else None, "clean_acc": None, "noisy_acc": None,
                       "lr": optimizer.param_groups[0]["lr"] if optimizer is not None else None}
-            record.update(dict(zip(sums.keys(), extra)))
+            record.update({k: int(v) if float(v).is_integer() else v for k, v in zip(sums.keys(), extra)})
             if evaluate is not None and (epoch % settings.eval_every == 0 or epoch == settings.epochs):
                 record.update(evaluate(model, dist_info))
             record["time"] = round(time.time() - t0, 3)

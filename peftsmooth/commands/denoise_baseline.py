@@ -29,8 +29,6 @@ from peftsmooth.runs import INIT_FILE, is_random_init, to_plain
 
 log = logging.getLogger("peftsmooth.denoise")
 
-# Keys that may change between a run and its resumption (they do not change the numbers).
-RESUME_FREE = ("hydra", "resume", "device", "train.num_workers", "train.eval_batch_size")
 
 
 def _choice(group: str, fallback: str) -> str:
@@ -53,17 +51,6 @@ def resolve_run_dir(cfg) -> Path:
         raise UserError(f"resume={cfg.resume} holds no checkpoint.pt; give a denoise-baseline run directory")
     return run_dir.resolve()
 
-
-def resume_fingerprint(cfg) -> dict:
-    """The config a checkpoint must match to be resumed (minus keys that do not change the numbers)."""
-    plain = to_plain(cfg)
-    for dotted in RESUME_FREE:
-        node, *rest = dotted.split(".")
-        if rest and isinstance(plain.get(node), dict):
-            plain[node].pop(rest[0], None)
-        elif not rest:
-            plain.pop(node, None)
-    return plain
 
 
 def _base_info(cfg) -> dict | None:
@@ -194,7 +181,8 @@ def run_denoise_baseline(cfg) -> dict:
     from peftsmooth.models import count_parameters
     from peftsmooth.runs import atomic_write_text, write_run_info
     from peftsmooth.runtime import resolve_device, seed_everything
-    from peftsmooth.training import METRICS, TrainSettings, check_resume_config, fit, read_checkpoint
+    from peftsmooth.training import (METRICS, TrainSettings, check_resume_config, fit, read_checkpoint,
+                                     resume_fingerprint)
 
     run_dir = resolve_run_dir(cfg)
     device = resolve_device(cfg.device)

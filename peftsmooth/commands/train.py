@@ -20,8 +20,6 @@ from peftsmooth.errors import UserError, require
 
 log = logging.getLogger("peftsmooth.train")
 
-# Keys that may change between a run and its resumption (they do not change the numbers).
-RESUME_FREE = ("hydra", "resume", "device", "train.num_workers", "train.eval_batch_size")
 
 
 def _choice(group: str, default):
@@ -32,19 +30,6 @@ def _choice(group: str, default):
     except Exception:  # noqa: BLE001 - outside a Hydra job (plain Python use)
         return default
 
-
-def resume_fingerprint(cfg) -> dict:
-    """The config a checkpoint must match to be resumed (minus keys that do not change the numbers)."""
-    from peftsmooth.runs import to_plain
-
-    plain = to_plain(cfg)
-    for dotted in RESUME_FREE:
-        node, *rest = dotted.split(".")
-        if rest and isinstance(plain.get(node), dict):
-            plain[node].pop(rest[0], None)
-        elif not rest:
-            plain.pop(node, None)
-    return plain
 
 
 def resolve_run_dir(cfg) -> Path:
@@ -98,7 +83,8 @@ def run_train(cfg) -> dict:
     from peftsmooth.runs import INIT_FILE, is_random_init, to_plain, write_run_info
     from peftsmooth.runtime import resolve_device, seed_everything
     from peftsmooth.training import (METRICS, TrainSettings, accuracy_evaluator, broadcast_object,
-                                     check_resume_config, init_distributed, read_checkpoint)
+                                     check_resume_config, init_distributed, read_checkpoint,
+                                     resume_fingerprint)
 
     # ---- every check before any work
     settings = TrainSettings.from_cfg(cfg.train)
