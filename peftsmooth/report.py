@@ -105,7 +105,8 @@ class Certification:
 
 
 def _walk(dirs: Sequence[Path]) -> tuple[list[Path], list[Path]]:
-    """Run directories (run.json) and certification directories (certify.tsv / summary.json)."""
+    """Run directories (run.json) and certification directories (certify.tsv, the record every
+    certification writes first; a summary.json without it is a copy, e.g. the demo's)."""
     runs, certs, seen = [], [], set()
     for root in dirs:
         for here, subdirs, files in os.walk(root):
@@ -116,7 +117,7 @@ def _walk(dirs: Sequence[Path]) -> tuple[list[Path], list[Path]]:
             seen.add(here_path)
             if RUN_FILE in files:
                 runs.append(here_path)
-            if TSV_FILE in files or SUMMARY_FILE in files:
+            if TSV_FILE in files:
                 certs.append(here_path)
     return runs, certs
 

@@ -296,3 +296,13 @@ def test_run_certified_at_another_sigma_is_labelled(tmp_path):
     make_cert(base, base / "certify" / "cohen_sigma0.5_n1000", rows_for(1, 8), method="full", sigma=0.5)
     row, = build_report([tmp_path], GRID).rows
     assert row["method"] == "full (trained sigma=0)" and row["sigma"] == 0.5
+
+
+def test_a_copied_summary_without_its_tsv_is_not_a_second_certification(tmp_path):
+    """The demo copies its LoRA summary.json to the demo folder: report must not count it twice."""
+    import shutil
+
+    run = make_run(tmp_path, "r")
+    cert = make_cert(run, run / "certify" / "cohen_sigma0.5_n1000", rows_for(3, 6))
+    shutil.copy(Path(cert) / "summary.json", tmp_path / "summary.json")
+    assert len(build_report([tmp_path], GRID).rows) == 1
