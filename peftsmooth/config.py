@@ -81,6 +81,16 @@ def validate_cli_args(command: str, args: list[str]) -> None:
         raise UserError(message) from None
 
 
+def hydra_choice(group: str, default=None):
+    """The Hydra choice of a config group in this job (e.g. 'lora' for peft), or `default` outside one."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return HydraConfig.get().runtime.choices.get(group) or default
+    except (ValueError, AttributeError):  # not inside a Hydra job (plain Python use)
+        return default
+
+
 def output_dir() -> Path:
     """This job's Hydra run directory."""
     from hydra.core.hydra_config import HydraConfig

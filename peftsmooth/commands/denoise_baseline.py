@@ -23,22 +23,11 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from peftsmooth.config import hydra_app, output_dir
+from peftsmooth.config import hydra_app, hydra_choice, output_dir
 from peftsmooth.errors import UserError
 from peftsmooth.runs import INIT_FILE, is_random_init, to_plain
 
 log = logging.getLogger("peftsmooth.denoise")
-
-
-
-def _choice(group: str, fallback: str) -> str:
-    """The Hydra choice of a config group (e.g. 'dncnn'), or `fallback` outside a Hydra job."""
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        return str(HydraConfig.get().runtime.choices.get(group) or fallback)
-    except (ValueError, AttributeError):
-        return fallback
 
 
 def resolve_run_dir(cfg) -> Path:
@@ -50,7 +39,6 @@ def resolve_run_dir(cfg) -> Path:
     if not (run_dir / "checkpoint.pt").is_file():
         raise UserError(f"resume={cfg.resume} holds no checkpoint.pt; give a denoise-baseline run directory")
     return run_dir.resolve()
-
 
 
 def _base_info(cfg) -> dict | None:
@@ -95,7 +83,7 @@ def _classifier(cfg, base: dict | None, run_dir: Path):
     if fresh and not kept.is_file():
         save_state_dict_file(classifier.backbone.state_dict(), kept)
         model_cfg.checkpoint = str(kept)
-    fields = {"model": model_cfg, "model_name": _choice("model", str(cfg.model.name)), "adapt": None,
+    fields = {"model": model_cfg, "model_name": hydra_choice("model", str(cfg.model.name)), "adapt": None,
               "input_size": classifier.input_size, "dataset": cfg.dataset}
     return classifier.eval(), fields
 
@@ -202,7 +190,7 @@ def run_denoise_baseline(cfg) -> dict:
     denoiser = front.build()  # ddpm: checks for diffusers, loads the model, checks its image size
     classifier, fields = _classifier(cfg, base, run_dir)
 
-    name = _choice("denoiser", type(denoiser).__name__.lower())
+    name = hydra_choice("denoiser", type(denoiser).__name__.lower())
     method = _method(name, cfg.denoiser) if trains else name
     model = DenoisedClassifier(denoiser, classifier).to(device)
     trainable, total = count_parameters(model)

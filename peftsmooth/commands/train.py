@@ -15,21 +15,10 @@ import shutil
 import sys
 from pathlib import Path
 
-from peftsmooth.config import hydra_app, output_dir
+from peftsmooth.config import hydra_app, hydra_choice, output_dir
 from peftsmooth.errors import UserError, require
 
 log = logging.getLogger("peftsmooth.train")
-
-
-
-def _choice(group: str, default):
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        return HydraConfig.get().runtime.choices.get(group) or default
-    except Exception:  # noqa: BLE001 - outside a Hydra job (plain Python use)
-        return default
-
 
 
 def resolve_run_dir(cfg) -> Path:
@@ -54,7 +43,7 @@ def resolve_model(cfg):
     from peftsmooth.runs import read_run_info
 
     if not cfg.get("base"):
-        return OmegaConf.create(OmegaConf.to_container(cfg.model, resolve=True)), _choice("model", cfg.model.name), None
+        return OmegaConf.create(OmegaConf.to_container(cfg.model, resolve=True)), hydra_choice("model", cfg.model.name), None
     base = Path(str(cfg.base)).expanduser().resolve()
     info = read_run_info(base)
     weights = base / MODEL_FILE
@@ -103,7 +92,7 @@ def run_train(cfg) -> dict:
         check_resume_config(checkpoint, fingerprint, run_dir)
     model_cfg, model_name, base = resolve_model(cfg)
     sigma = float(cfg.sigma)
-    method = getattr(adapt, "name", None) or _choice("peft", "custom")
+    method = getattr(adapt, "name", None) or hydra_choice("peft", "custom")
     trains = bool(getattr(adapt, "trains", True))
     require(settings.epochs > 0 or not trains,
             f"train.epochs=0 with peft={method} would save an untrained adapter; give train.epochs >= 1, "
