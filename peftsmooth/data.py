@@ -9,9 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
-from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data import Dataset
 
 from peftsmooth.errors import UserError, choice_error
 
@@ -142,7 +141,3 @@ def imagenet(cfg, split: str, augment: bool) -> Dataset:
     steps = [v2.ToImage(), *geo, v2.ToDtype(torch.float32, scale=True)]
     return ImageFolder(str(folder), transform=v2.Compose(steps))
 
-
-def dataset_from_arrays(images: np.ndarray, labels: np.ndarray) -> TensorDataset:
-    """A small in-memory dataset (tests, user scripts): images already in [0,1], (N,C,H,W)."""
-    return TensorDataset(torch.as_tensor(images, dtype=torch.float32), torch.as_tensor(labels, dtype=torch.long))

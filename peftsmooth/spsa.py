@@ -51,9 +51,6 @@ class SPSAConfig:
         require(self.c_decay >= 0, f"peft.spsa.c_decay={self.c_decay} must be >= 0")
         require(0 <= self.momentum < 1, f"peft.spsa.momentum={self.momentum} must be in [0, 1)")
 
-    def as_dict(self) -> dict:
-        return asdict(self)
-
 
 def perturbation(n: int, like: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """One SPSA direction: entries +-U(0.5, 1), random sign (bounded away from 0, so 1/D is safe)."""

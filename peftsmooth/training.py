@@ -279,10 +279,6 @@ def _autocast(device: torch.device, dtype):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if hasattr(model, "module") and isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The tensors training changes: parameters with requires_grad, and all buffers."""
     state = model.state_dict()
