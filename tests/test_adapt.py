@@ -77,7 +77,7 @@ def test_method_trains_only_its_parameters_and_reloads_exactly(method, tmp_path)
         before_logits = model(x)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     settings = TrainSettings(epochs=3, batch_size=32, lr=1e-2, warmup_epochs=0)
-    step_hook = adapt if hasattr(adapt, "training_step") else None
+    step_hook = adapt if adapt.zeroth_order else None
     result = fit(model, train_set, sigma=0.25, settings=settings, run_dir=tmp_path, evaluate=None,
                  save=adapt.save, seed=0, device=torch.device("cpu"), step_hook=step_hook, progress=False)
     model.eval()

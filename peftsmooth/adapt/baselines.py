@@ -6,9 +6,11 @@ from pathlib import Path
 
 import torch.nn as nn
 
-from peftsmooth.adapt.common import ModuleAdaptation, set_trainable
+from peftsmooth.adapt.base import Adaptation
+from peftsmooth.adapt.common import ModuleAdaptation
 from peftsmooth.errors import UserError
 from peftsmooth.models import load_state_dict_file, save_state_dict_file
+from peftsmooth.runtime import freeze
 
 MODEL_FILE = "model.safetensors"
 
@@ -23,16 +25,15 @@ class LinearProbe(ModuleAdaptation):
         return None
 
 
-class FullFineTuning:
+class FullFineTuning(Adaptation):
     """`peft=full`: every backbone weight trains. Saves the backbone's full state dict as
     model.safetensors, which `model.checkpoint=` and `base=<run dir>` load as a starting point."""
 
     name = "full"
-    trains = True
 
     def apply(self, classifier: nn.Module) -> nn.Module:
-        set_trainable(classifier, False)
-        set_trainable(classifier.backbone, True)
+        freeze(classifier)
+        classifier.backbone.requires_grad_(True)
         return classifier
 
     def save(self, model: nn.Module, run_dir: Path) -> list[str]:

@@ -1,4 +1,4 @@
-"""Shared pieces of the adaptation methods: the head's name, freezing, and saving what was trained."""
+"""Shared pieces of the adaptation methods: the head's name, buffers, and `ModuleAdaptation`."""
 
 from __future__ import annotations
 
@@ -6,8 +6,10 @@ from pathlib import Path
 
 import torch.nn as nn
 
+from peftsmooth.adapt.base import Adaptation
 from peftsmooth.errors import UserError
 from peftsmooth.models import classifier_name, load_state_dict_file, save_state_dict_file
+from peftsmooth.runtime import freeze
 
 BUFFERS_FILE = "buffers.safetensors"
 
@@ -15,11 +17,6 @@ BUFFERS_FILE = "buffers.safetensors"
 def head_module_name(classifier: nn.Module) -> str:
     """Name of the classification head inside a BaseClassifier, e.g. 'backbone.head' (timm pretrained_cfg)."""
     return "backbone." + classifier_name(classifier.backbone)
-
-
-def set_trainable(module: nn.Module, flag: bool) -> None:
-    for p in module.parameters():
-        p.requires_grad_(flag)
 
 
 def persistent_buffers(model: nn.Module) -> dict:
@@ -45,7 +42,7 @@ def load_buffers(model: nn.Module, run_dir: Path) -> None:
             raise UserError(f"{path} does not fit the model (unexpected {result.unexpected_keys[:2]})")
 
 
-class ModuleAdaptation:
+class ModuleAdaptation(Adaptation):
     """Base for our own methods: freeze the classifier, add/unfreeze some modules, train those.
 
     Subclasses implement `insert(classifier)` (add modules, mark what trains). Saved as one
@@ -54,7 +51,6 @@ class ModuleAdaptation:
     """
 
     name = "module"
-    trains = True
     weights_file = "adapter.safetensors"
     train_head = True
 
@@ -62,14 +58,14 @@ class ModuleAdaptation:
         raise NotImplementedError
 
     def apply(self, classifier: nn.Module) -> nn.Module:
-        set_trainable(classifier, False)
+        freeze(classifier)
         self.insert(classifier)
         if self.train_head:
-            set_trainable(classifier.get_submodule(head_module_name(classifier)), True)
+            classifier.get_submodule(head_module_name(classifier)).requires_grad_(True)
         return classifier
 
     def save(self, model: nn.Module, run_dir: Path) -> list[str]:
-        trained = {n for n, p in model.named_parameters() if p.requires_grad}
+        trained = self.trained_names(model)
         state = {k: v for k, v in model.state_dict().items() if k in trained}
         state.update(persistent_buffers(model))
         save_state_dict_file(state, Path(run_dir) / self.weights_file)
@@ -81,8 +77,7 @@ class ModuleAdaptation:
             raise UserError(f"run={run_dir} has no {self.weights_file} (was the training finished?)")
         model = self.apply(classifier)
         state = load_state_dict_file(path)
-        expected = {n for n, p in model.named_parameters() if p.requires_grad}
-        missing = sorted(expected - set(state))
+        missing = sorted(self.trained_names(model) - set(state))
         result = model.load_state_dict(state, strict=False)
         if missing or result.unexpected_keys:
             raise UserError(f"{path} does not fit peft={self.name} on this model "

@@ -6,7 +6,8 @@ linears (`backbone.blocks.N.attn.qkv|proj`, `backbone.blocks.N.mlp.fc1|fc2`), wh
 patch-embedding conv alone (a suffix list like ["proj"] would also catch `patch_embed.proj`). The
 new classification head is trained fully through `modules_to_save`. The result is saved in peft's
 own format (adapter_config.json + adapter_model.safetensors), loadable with
-`PeftModel.from_pretrained(build_classifier(...), run_dir)`.
+`PeftModel.from_pretrained(build_classifier(...), run_dir)`. Before certification the tuners whose
+merge is exact are folded into the base weights (`merge_exact`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import torch.nn as nn
 
+from peftsmooth.adapt.base import Adaptation
 from peftsmooth.adapt.common import head_module_name, load_buffers, save_buffers
 from peftsmooth.errors import UserError
 
@@ -45,10 +47,8 @@ def matching_modules(model: nn.Module, target) -> list[str]:
     return [n for n in names if any(n == t or n.endswith("." + t) for t in targets)]
 
 
-class PeftTuner:
+class PeftTuner(Adaptation):
     """One `peft` tuner, configured by `config_class` (e.g. peft.LoraConfig) and its options."""
-
-    trains = True
 
     def __init__(self, name: str, config_class: str, **options):
         self.name = str(name)
@@ -123,3 +123,7 @@ class PeftTuner:
         model = PeftModel.from_pretrained(classifier, str(run_dir))
         load_buffers(model, run_dir)
         return model
+
+    def before_certify(self, model: nn.Module) -> tuple[nn.Module, list[str]]:
+        """Fold the adapters whose merge is exact into the weights (`merge_exact`, below)."""
+        return merge_exact(model)
