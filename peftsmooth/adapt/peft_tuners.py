@@ -127,3 +127,30 @@ class PeftTuner(Adaptation):
     def before_certify(self, model: nn.Module) -> tuple[nn.Module, list[str]]:
         """Fold the adapters whose merge is exact into the weights (`merge_exact`, below)."""
         return merge_exact(model)
+
+
+# peft methods whose adapter folds exactly into the base weights (merge_and_unload is exact).
+EXACT_MERGE = {"LORA", "LOHA", "LOKR", "IA3", "OFT", "BOFT", "VERA"}
+
+
+def merge_exact(model: nn.Module) -> tuple[nn.Module, list[str]]:
+    """Fold the peft adapters whose merge is exact (LoRA-type) into the weights, wherever they sit in
+    `model` (the whole model or a submodule); returns the model and the methods merged."""
+
+    def exact_kinds(m: nn.Module) -> set[str] | None:
+        if not (hasattr(m, "merge_and_unload") and hasattr(m, "peft_config")):
+            return None
+        kinds = {str(getattr(c.peft_type, "value", c.peft_type)).upper() for c in m.peft_config.values()}
+        return kinds if kinds <= EXACT_MERGE else None
+
+    kinds = exact_kinds(model)
+    if kinds:
+        return model.merge_and_unload().eval(), sorted(kinds)
+    merged = []
+    for name, child in list(model.named_modules()):
+        kinds = exact_kinds(child) if name else None
+        if kinds:
+            parent_name, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, attr, child.merge_and_unload())
+            merged += sorted(kinds)
+    return model.eval(), merged
