@@ -1,18 +1,47 @@
-"""Training objectives for the noisy classifier (`train.loss`), in the training loop's protocol.
+"""Training objectives for the noisy classifier (`train.loss`), and the protocol every objective follows.
 
-An objective is a callable `(model, batch) -> (loss, logits or None)`; `batch` is a
-`peftsmooth.training.Batch` (clean x, one noisy copy x_noisy, labels y, sigma, `noisy()` for more
-copies). Chosen by name through `OBJECTIVES`; unknown names list the known ones.
+An objective is a callable `(model, batch) -> (loss, logits or None)`; `batch` is a `Batch` (clean x,
+one noisy copy x_noisy, labels y, sigma, `noisy()` for more copies). Chosen by name through
+`OBJECTIVES`; unknown names list the known ones.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from peftsmooth.errors import choice_error, require
+
+
+def add_noise(x: torch.Tensor, sigma: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """x + sigma * N(0, I) in native pixel space (no clipping: the smoothing noise is unbounded)."""
+    if sigma == 0:
+        return x
+    if generator is None:
+        return x + sigma * torch.randn_like(x)
+    noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=generator.device)
+    return x + sigma * noise.to(x.device)
+
+
+@dataclass
+class Batch:
+    """One micro-batch: clean (augmented) images, their noisy copy, labels and the noise level."""
+
+    x: torch.Tensor
+    x_noisy: torch.Tensor
+    y: torch.Tensor
+    sigma: float
+
+    def noisy(self) -> torch.Tensor:
+        """Another independent noisy copy x + sigma * N(0, I)."""
+        return add_noise(self.x, self.sigma)
+
+
+Objective = Callable[[nn.Module, Batch], "tuple[torch.Tensor, Optional[torch.Tensor]]"]
 
 
 class CrossEntropy:
@@ -57,8 +86,16 @@ class Consistency:
 OBJECTIVES: dict[str, Callable[..., Callable]] = {"ce": CrossEntropy, "consistency": Consistency}
 
 
-def build_objective(name: str, **kwargs) -> Callable:
+def build_objective(name: str, **kwargs) -> Objective:
     """The objective `name` (a key of OBJECTIVES) with its options."""
     if name not in OBJECTIVES:
         raise choice_error("train.loss", name, OBJECTIVES)
     return OBJECTIVES[name](**kwargs)
+
+
+def objective_from_cfg(train_cfg: Any) -> tuple[str, Objective]:
+    """(`train.loss`, that objective built with the options of `train.<loss>`)."""
+    from peftsmooth.runs import to_plain
+
+    name = str(train_cfg.get("loss", "ce"))
+    return name, build_objective(name, **dict(to_plain(train_cfg.get(name)) or {}))

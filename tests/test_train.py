@@ -15,7 +15,7 @@ import torch.nn as nn
 from torch.utils.data import TensorDataset
 
 from conftest import TINY, compose
-from peftsmooth import training
+from peftsmooth import train_state, training
 from peftsmooth.commands.train import run_train
 from peftsmooth.errors import UserError
 from peftsmooth.losses import Consistency, CrossEntropy, build_objective
@@ -87,18 +87,18 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(tmp_path, monkeypatch)
     _train(tmp_path / "full_run", "peft=lora")
     reference = _numbers(tmp_path / "full_run")
 
-    original = training._save_checkpoint
+    original = train_state._save_checkpoint
 
     def killed_after_epoch_2(path, payload):
         original(path, payload)
         if payload["epoch"] == 2:
             raise KeyboardInterrupt("killed")
 
-    monkeypatch.setattr(training, "_save_checkpoint", killed_after_epoch_2)
+    monkeypatch.setattr(train_state, "_save_checkpoint", killed_after_epoch_2)
     with pytest.raises(KeyboardInterrupt):
         _train(tmp_path / "killed", "peft=lora")
     assert [m["epoch"] for m in read_metrics(tmp_path / "killed")] == [1, 2]
-    monkeypatch.setattr(training, "_save_checkpoint", original)
+    monkeypatch.setattr(train_state, "_save_checkpoint", original)
     _train(tmp_path / "other", "peft=lora", f"resume={tmp_path / 'killed'}")  # resume= from another job dir
     assert _numbers(tmp_path / "killed") == reference
     a = load_state_dict_file(tmp_path / "full_run" / "adapter_model.safetensors")
