@@ -78,3 +78,12 @@ def barrier(info: DistInfo) -> None:
 def rank_share(items: Sequence[T], rank: int, world_size: int) -> list[T]:
     """Every `world_size`-th item starting at `rank`: the shard of one process (or one `certify.shard`)."""
     return list(items[rank::world_size])
+
+
+def shutdown(info: DistInfo) -> None:
+    """Leave the process group at the end of a torchrun command (a no-op in a 1-rank world)."""
+    if info.world_size > 1:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
