@@ -1,130 +1,118 @@
-"""Certification results as files: Cohen's TSV, summary.json, curve.csv, curve.png, and shard merging.
+"""Certification results as files: summary.json, curve.csv, curve.png, and shard merging.
 
-Everything a summary says is computed from the TSV rows (Cohen's analysis: certified accuracy at r is
-the fraction of images with `correct` and `radius >= r`; ACR is the mean of `correct * radius`), so a
-resumed, sharded or merged certification summarizes exactly like one uninterrupted run.
+This module owns every results concept but the TSV format itself (peftsmooth.tsv, whose names it
+re-exports): shard directory names, the metrics, the radius keys, the curves, the check and merge of
+shards. Everything a summary
+says is computed from the TSV rows (Cohen's analysis: certified accuracy at r is the fraction of images
+with `correct` and `radius >= r`; ACR is the mean of `correct * radius`; rule 4 in
+docs/architecture.md), so a resumed, sharded or merged certification summarizes exactly like one
+uninterrupted run, and `report` shows the numbers certify wrote.
 """
 
 from __future__ import annotations
 
+import json
 import math
-import os
+import re
+from bisect import bisect_left
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
 from peftsmooth.errors import UserError
-from peftsmooth.runs import read_json, write_json
+from peftsmooth.runtime import atomic_write, atomic_write_text
+from peftsmooth.tsv import HEADER, SAMPLES, TSV_FILE, TsvWriter, read_tsv, write_tsv  # noqa: F401 (re-exported)
 
-TSV_FILE = "certify.tsv"
 SUMMARY_FILE = "summary.json"
 CURVE_CSV = "curve.csv"
 CURVE_PNG = "curve.png"
-HEADER = ("idx", "label", "predict", "radius", "correct", "time")
-RADIUS_DECIMALS = 6  # radii are written rounded DOWN, so the file never claims more than was certified
+ABSTAIN = -1
 
 # Keys that give a TSV row its meaning: a run may only append to rows certified with the same values.
 # (The noise of image idx depends only on (seed, idx), so the image selection may grow on resume.)
 IDENTITY_KEYS = ("mode", "n0", "n", "alpha", "sigma", "seed", "precision", "dataset")
 # Shards being merged must also share the image selection they split.
 SELECTION_KEYS = ("skip", "start", "max")
+# What summarize computes from the rows; every other key of a summary.json is metadata.
+METRIC_KEYS = frozenset({"acr", "certified_accuracy", "clean_accuracy", "abstain_rate", "num_images",
+                         "samples_per_second", "elapsed_seconds", "complete", "radius_grid",
+                         "mean_samples", "total_samples", "samples_quantiles"})
+
+
+# --- shard directories ----------------------------------------------------------------------
+
+_SHARD_DIR = re.compile(r"shard(\d+)of(\d+)")
 
 
 def shard_dir_name(shard: int, num_shards: int) -> str:
     return f"shard{shard}of{num_shards}"
 
 
-# --- the TSV --------------------------------------------------------------------------------
-
-def format_row(idx: int, label: int, prediction: int, radius: float, correct: bool, seconds: float) -> str:
-    whole, _, frac = f"{max(float(radius), 0.0):.12f}".partition(".")
-    r = f"{whole}.{frac[:RADIUS_DECIMALS]}"  # truncated, not rounded: never more than was certified
-    return f"{idx}\t{label}\t{prediction}\t{r}\t{int(bool(correct))}\t{seconds:.4f}\n"
-
-
-def read_tsv(path: str | Path) -> list[dict]:
-    """Rows of a certify.tsv as dicts (idx, label, predict, radius, correct, time); a torn last line
-    from a killed run is ignored."""
-    rows = []
-    path = Path(path)
-    if not path.is_file():
-        return rows
-    with open(path) as fh:
-        header = tuple(fh.readline().rstrip("\n").split("\t"))
-        if header != HEADER:
-            raise UserError(f"{path} is not a certify.tsv (header {header!r}, expected {HEADER!r})")
-        for line in fh:
-            fields = line.rstrip("\n").split("\t")
-            if not line.endswith("\n") or len(fields) != len(HEADER):
-                continue
-            rows.append({"idx": int(fields[0]), "label": int(fields[1]), "predict": int(fields[2]),
-                         "radius": float(fields[3]), "correct": int(fields[4]), "time": float(fields[5])})
-    return rows
+def parse_shard_dir_name(name: str) -> tuple[int, int] | None:
+    """(shard, num_shards) of a directory named by shard_dir_name, else None."""
+    match = _SHARD_DIR.fullmatch(name)
+    if not match:
+        return None
+    shard, num = int(match.group(1)), int(match.group(2))
+    return (shard, num) if 0 <= shard < num else None
 
 
-class TsvWriter:
-    """Appends one flushed row per image (the only file certify writes as it goes)."""
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        _drop_torn_tail(self.path)
-        new = not self.path.is_file() or self.path.stat().st_size == 0
-        self._fh = open(self.path, "a")
-        if new:
-            self._fh.write("\t".join(HEADER) + "\n")
-            self._fh.flush()
-
-    def write(self, idx: int, label: int, prediction: int, radius: float, seconds: float) -> None:
-        self._fh.write(format_row(idx, label, prediction, radius, prediction == label, seconds))
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
-
-    def close(self) -> None:
-        self._fh.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
+def shard_of(summary: dict | None) -> tuple[int, int] | None:
+    """(shard, num_shards) when a summary.json belongs to one shard of a sharded certification."""
+    if not summary or summary.get("shard") is None or int(summary.get("num_shards") or 1) <= 1:
+        return None
+    return int(summary["shard"]), int(summary["num_shards"])
 
 
-def write_tsv(path: str | Path, rows: Sequence[dict]) -> None:
-    """A whole TSV at once (merged shards), atomically."""
-    from peftsmooth.runs import atomic_write_text
-
-    lines = ["\t".join(HEADER) + "\n"] + [
-        format_row(r["idx"], r["label"], r["predict"], r["radius"], r["predict"] == r["label"], r["time"]) for r in rows]
-    atomic_write_text(path, "".join(lines))
-
-
-def write_merged(out_dir: str | Path, shard_dirs: Sequence[Path], radius_grid: Sequence[float] | None = None) -> dict:
-    """certify.tsv, summary.json and the curve of the merged shards, in out_dir."""
-    rows, meta = merge_shards(shard_dirs)
-    if radius_grid is None:
-        radius_grid = (_read_summary(shard_dirs[0]) or {}).get("radius_grid") or [0.0]
-    write_tsv(Path(out_dir) / TSV_FILE, rows)
-    return write_results(out_dir, rows, radius_grid, **meta)
-
-
-def _drop_torn_tail(path: Path) -> None:
-    """Cut a partial last line (a run killed mid-write) so appended rows start on a fresh line."""
-    if not path.is_file():
-        return
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        with open(path, "r+b") as fh:
-            fh.truncate(data.rfind(b"\n") + 1)
-
-
-# --- the summary ----------------------------------------------------------------------------
+# --- the metrics ----------------------------------------------------------------------------
 
 def radius_key(r: float) -> str:
+    """The key of radius r in summary.json's certified_accuracy."""
     return str(float(r))
 
 
+def radius_column(r: float) -> str:
+    """The column of radius r in report's table."""
+    return f"cert@{r:g}"
+
+
+def certifies(mode: str | None) -> bool:
+    """Whether a mode certifies radii (CERTIFY and its variants) or only predicts (PREDICT)."""
+    return mode != "predict"
+
+
+def curve(rows: Sequence[dict], radii: Iterable[float]) -> list[float]:
+    """Certified accuracy at each radius: the fraction of rows with correct and radius >= r
+    (an abstention is never correct); nan without rows."""
+    good = sorted(row["radius"] for row in rows if row["correct"])
+    n = len(rows)
+    return [(len(good) - bisect_left(good, r)) / n if n else math.nan for r in radii]
+
+
 def certified_accuracy(rows: Sequence[dict], r: float) -> float:
-    """Fraction of images with predict == label and radius >= r (an abstention is never correct)."""
-    return sum(1 for row in rows if row["correct"] and row["radius"] >= r) / len(rows) if rows else 0.0
+    """Fraction of images with predict == label and radius >= r (0 without rows)."""
+    return curve(rows, [r])[0] if rows else 0.0
+
+
+def fixed_samples(meta: dict) -> int | None:
+    """Forward passes per image of the fixed-n modes (CERTIFY: n0 + n, PREDICT: n), for rows written
+    before the samples column existed; None for other modes."""
+    n0, n = int(meta.get("n0") or 0), int(meta.get("n") or 0)
+    return {"cohen": n0 + n, "predict": n}.get(meta.get("mode"))
+
+
+def samples_stats(rows: Sequence[dict], meta: dict) -> dict:
+    """Mean, total and quantiles of the samples spent per image (None when unknown)."""
+    fixed = fixed_samples(meta)
+    per_image = [row.get(SAMPLES, fixed) for row in rows]
+    if not per_image or None in per_image:
+        return {"mean_samples": None, "total_samples": None, "samples_quantiles": None}
+    import numpy as np
+
+    p10, p50, p90 = (float(q) for q in np.quantile(per_image, [0.1, 0.5, 0.9]))
+    total = int(sum(per_image))
+    return {"mean_samples": total / len(per_image), "total_samples": total,
+            "samples_quantiles": {"p10": p10, "p50": p50, "p90": p90, "max": int(max(per_image))}}
 
 
 def summarize(rows: Sequence[dict], radius_grid: Sequence[float], **meta) -> dict:
@@ -132,18 +120,19 @@ def summarize(rows: Sequence[dict], radius_grid: Sequence[float], **meta) -> dic
     rows = sorted(rows, key=lambda row: row["idx"])
     num = len(rows)
     seconds = sum(row["time"] for row in rows)
-    samples = num * (int(meta.get("n0") or 0) + int(meta.get("n") or 0)) if meta.get("mode") == "cohen" \
-        else num * int(meta.get("n") or 0)
-    cohen = meta.get("mode", "cohen") == "cohen"
+    cost = samples_stats(rows, meta)
+    radii = certifies(meta.get("mode", "cohen"))
     summary = {
-        "acr": (sum(row["radius"] * row["correct"] for row in rows) / num if num else 0.0) if cohen else None,
-        "certified_accuracy": {radius_key(r): certified_accuracy(rows, r) for r in radius_grid} if cohen else {},
+        "acr": (sum(row["radius"] * row["correct"] for row in rows) / num if num else 0.0) if radii else None,
+        "certified_accuracy": {radius_key(r): certified_accuracy(rows, r) for r in radius_grid} if radii else {},
         "radius_grid": [float(r) for r in radius_grid],
         "clean_accuracy": sum(row["correct"] for row in rows) / num if num else 0.0,
-        "abstain_rate": sum(row["predict"] == -1 for row in rows) / num if num else 0.0,
+        "abstain_rate": sum(row["predict"] == ABSTAIN for row in rows) / num if num else 0.0,
         "num_images": num,
-        "samples_per_second": samples / seconds if seconds > 0 else None,
+        "samples_per_second": cost["total_samples"] / seconds if seconds > 0 and cost["total_samples"] is not None
+        else None,
         "elapsed_seconds": seconds,
+        **cost,
     }
     summary.update(meta)
     planned = meta.get("num_planned")
@@ -151,16 +140,21 @@ def summarize(rows: Sequence[dict], radius_grid: Sequence[float], **meta) -> dic
     return summary
 
 
+def summary_metadata(summary: dict | None) -> dict:
+    """The settings and provenance of a summary.json: everything but what summarize computes."""
+    return {k: v for k, v in (summary or {}).items() if k not in METRIC_KEYS}
+
+
+# --- the files ------------------------------------------------------------------------------
+
 def curve_points(rows: Sequence[dict], step: float = 0.01) -> list[tuple[float, float]]:
     """(radius, certified accuracy) from 0 to just past the largest certified radius."""
     top = max([row["radius"] for row in rows if row["correct"]], default=0.0)
-    count = int(math.floor(top / step)) + 2
-    return [(round(i * step, 10), certified_accuracy(rows, i * step)) for i in range(count)]
+    radii = [i * step for i in range(int(math.floor(top / step)) + 2)]
+    return [(round(r, 10), a) for r, a in zip(radii, curve(rows, radii))]
 
 
 def write_curve_csv(rows: Sequence[dict], path: str | Path) -> None:
-    from peftsmooth.runs import atomic_write_text
-
     lines = ["radius,certified_accuracy"] + [f"{r:g},{a:.6f}" for r, a in curve_points(rows)]
     atomic_write_text(path, "\n".join(lines) + "\n")
 
@@ -189,14 +183,17 @@ def plot_curve(rows: Sequence[dict], path: str | Path, *, acr: float, sigma: flo
 
 
 def save_figure(fig, path: str | Path) -> None:
-    """Write a matplotlib figure atomically (temporary file + rename) and close it."""
+    """Write a matplotlib figure atomically and close it."""
     import matplotlib.pyplot as plt
 
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120))
+    finally:
+        plt.close(fig)
+
+
+def write_json(path: str | Path, obj) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
 
 
 def write_results(out_dir: str | Path, rows: Sequence[dict], radius_grid: Sequence[float], **meta) -> dict:
@@ -211,57 +208,100 @@ def write_results(out_dir: str | Path, rows: Sequence[dict], radius_grid: Sequen
     return summary
 
 
-# --- shards ---------------------------------------------------------------------------------
+# --- certification directories and shards ---------------------------------------------------
+
+@dataclass
+class CertificationFiles:
+    """One certification directory as read from disk: its summary.json (None if absent) and TSV rows."""
+
+    path: Path
+    summary: dict | None
+    rows: list[dict]
+
+
+def read_summary(d: str | Path) -> dict | None:
+    path = Path(d) / SUMMARY_FILE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path} is not valid JSON ({err.msg}, line {err.lineno})") from None
+
+
+def load_certification(d: str | Path) -> CertificationFiles:
+    d = Path(d)
+    return CertificationFiles(path=d, summary=read_summary(d), rows=read_tsv(d / TSV_FILE))
+
 
 def find_shards(dirs: Iterable[str | Path]) -> list[Path]:
     """Shard directories among `dirs`: each dir is a shard (its summary.json has num_shards > 1) or
-    holds shard subdirectories (`shard{i}of{k}/`)."""
+    holds shard subdirectories (`shard{i}of{k}/` with a summary.json)."""
     found = []
     for d in dirs:
         d = Path(str(d)).expanduser()
         if not d.is_dir():
             raise UserError(f"dirs: {d} is not a directory")
-        summary = _read_summary(d)
-        if summary is not None and int(summary.get("num_shards") or 1) > 1:
+        if shard_of(read_summary(d)) is not None:
             found.append(d)
             continue
-        subs = sorted(p.parent for p in d.glob("shard*of*/" + SUMMARY_FILE))
+        subs = sorted(p for p in d.iterdir() if parse_shard_dir_name(p.name) and (p / SUMMARY_FILE).is_file())
         if not subs:
-            raise UserError(f"dirs: {d} is neither a certify shard nor a directory of shard*of*/ subdirectories")
+            raise UserError(f"dirs: {d} is neither a certify shard nor a directory of shard<i>of<k>/ subdirectories")
         found += subs
     return found
 
 
+def check_shards(shards: Sequence[CertificationFiles]) -> None:
+    """Shards merge only when they are parts of one certification: the same settings and image
+    selection, each shard index once."""
+    reference = shards[0].summary or {}
+    for shard in shards:
+        summary = shard.summary or {}
+        for key in (*IDENTITY_KEYS, *SELECTION_KEYS, "num_shards"):
+            if summary.get(key) != reference.get(key):
+                raise UserError(f"dirs: {shard.path} has {key}={summary.get(key)} but {shards[0].path} has "
+                                f"{reference.get(key)}; only shards of one certification can be merged")
+    seen = {}
+    for shard in shards:
+        index = (shard.summary or {}).get("shard")
+        if index in seen:
+            raise UserError(f"dirs: shard {index} given twice ({seen[index]} and {shard.path})")
+        seen[index] = shard.path
+
+
+def merge_rows(row_lists: Iterable[Sequence[dict]]) -> list[dict]:
+    """Rows of several shards as one list, one row per image, by index."""
+    by_idx: dict[int, dict] = {}
+    for rows in row_lists:
+        for row in rows:
+            by_idx.setdefault(row["idx"], row)
+    return [by_idx[i] for i in sorted(by_idx)]
+
+
+def merge_certifications(shards: Sequence[CertificationFiles]) -> tuple[list[dict], dict]:
+    """All shards' rows as one list (by idx) and the shared settings, after check_shards."""
+    check_shards(shards)
+    summaries = [s.summary or {} for s in shards]
+    num_shards = int(summaries[0].get("num_shards") or 1)
+    meta = {k: v for k, v in summary_metadata(summaries[0]).items() if k not in ("shard", "num_shards")}
+    meta["merged_shards"] = num_shards
+    meta["merged_from"] = [str(s.path) for s in shards]
+    complete_set = len({s.get("shard") for s in summaries}) == num_shards
+    meta["num_planned"] = sum(int(s.get("num_planned") or 0) for s in summaries) if complete_set else None
+    return merge_rows(s.rows for s in shards), meta
+
+
 def merge_shards(shard_dirs: Sequence[Path]) -> tuple[list[dict], dict]:
     """All shards' rows as one list (by idx) and the shared settings; shards must agree on them."""
-    summaries = [(_read_summary(d) or {}) for d in shard_dirs]
-    reference = summaries[0]
-    for d, s in zip(shard_dirs, summaries):
-        for key in (*IDENTITY_KEYS, *SELECTION_KEYS, "num_shards"):
-            if s.get(key) != reference.get(key):
-                raise UserError(f"dirs: {d} has {key}={s.get(key)} but {shard_dirs[0]} has {reference.get(key)}; "
-                                f"only shards of one certification can be merged")
-    by_shard = {}
-    for d, s in zip(shard_dirs, summaries):
-        if s.get("shard") in by_shard:
-            raise UserError(f"dirs: shard {s.get('shard')} given twice ({by_shard[s.get('shard')]} and {d})")
-        by_shard[s.get("shard")] = d
-    rows: dict[int, dict] = {}
-    for d in shard_dirs:
-        for row in read_tsv(Path(d) / TSV_FILE):
-            rows.setdefault(row["idx"], row)
-    num_shards = int(reference.get("num_shards") or 1)
-    meta = {k: v for k, v in reference.items() if k not in _METRIC_KEYS and k not in ("shard", "num_shards")}
-    meta["merged_shards"] = num_shards
-    meta["merged_from"] = [str(d) for d in shard_dirs]
-    meta["num_planned"] = sum(int(s.get("num_planned") or 0) for s in summaries) if len(by_shard) == num_shards else None
-    return [rows[i] for i in sorted(rows)], meta
+    return merge_certifications([load_certification(d) for d in shard_dirs])
 
 
-_METRIC_KEYS = {"acr", "certified_accuracy", "clean_accuracy", "abstain_rate", "num_images",
-                "samples_per_second", "elapsed_seconds", "complete", "radius_grid"}
-
-
-def _read_summary(d: Path) -> dict | None:
-    path = Path(d) / SUMMARY_FILE
-    return read_json(path) if path.is_file() else None
+def write_merged(out_dir: str | Path, shard_dirs: Sequence[Path], radius_grid: Sequence[float] | None = None) -> dict:
+    """certify.tsv, summary.json and the curve of the merged shards, in out_dir."""
+    shards = [load_certification(d) for d in shard_dirs]
+    rows, meta = merge_certifications(shards)
+    if radius_grid is None:
+        radius_grid = (shards[0].summary or {}).get("radius_grid") or [0.0]
+    write_tsv(Path(out_dir) / TSV_FILE, rows)
+    return write_results(out_dir, rows, radius_grid, **meta)

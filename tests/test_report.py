@@ -1,4 +1,4 @@
-"""`peftsmooth report` over synthetic run directories written to the agreed schemas (/tmp/schemas.md).
+"""`peftsmooth report` over synthetic run directories written to the schemas certify and train write.
 
 The runs here are files only (run.json, certify.tsv, summary.json), so these tests take no model
 time; the end-to-end multirun -> certify -> report test lives in test_sweeps.py.
@@ -8,16 +8,16 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from peftsmooth import results
 from peftsmooth.errors import UserError
-from peftsmooth.report import (build_report, certified_accuracy, curve, curves_by_method, envelope,
-                               read_tsv, to_csv, to_markdown)
+from peftsmooth.report import build_report, curves_by_method, envelope, to_csv, to_markdown
+from peftsmooth.results import certified_accuracy, curve, read_tsv
 
 GRID = [0.25, 0.5, 0.75, 1.0]
 
@@ -76,7 +76,8 @@ def make_cert(run: Path | None, where: Path, rows, sigma=0.5, method="lora", com
              "alpha": 0.001, "sigma": sigma, "num_images": n, "samples_per_second": 1000.0,
              "device": "cpu", "precision": "fp32", "mode": mode, "run": str(run) if run else None,
              "method": method, "model_name": "vit_tiny", "dataset": "digits", "trainable_params": 1234,
-             "elapsed_seconds": 12.5, "complete": complete}
+             "elapsed_seconds": sum(float(f"{r['time']:.3f}") for r in rows), "complete": complete,
+             "num_planned": n if complete else n + 5}
         if shard is not None:
             s.update(shard=shard, num_shards=num_shards)
         s.update(extra or {})
@@ -153,7 +154,7 @@ def test_report_table_equals_summaries(sweep):
         assert row["clean_accuracy"] == summary["clean_accuracy"]
         for g in GRID:
             assert row[f"cert@{g:g}"] == summary["certified_accuracy"][f"{g:g}"]
-        assert row["trainable_params"] == 1234 and row["cert_time_s"] == 12.5
+        assert row["trainable_params"] == 1234 and row["cert_time_s"] == summary["elapsed_seconds"]
         assert row["status"] == "complete" and row["model"] == "vit_tiny"
 
 
@@ -181,7 +182,9 @@ def test_report_merges_shards_like_one_run(sweep, tmp_path):
     assert linear["status"] == "merged 2 shards" and linear["num_images"] == 30
     for key in ["clean_accuracy", "acr", *[f"cert@{g:g}" for g in GRID]]:
         assert linear[key] == pytest.approx(ref[key], abs=1e-12), key
-    assert linear["cert_time_s"] == 25.0  # the shards' elapsed seconds, summed
+    shards = sorted((root / "train" / "linear_vit_tiny_digits_sigma0.5" / "certify").glob("*/shard*/summary.json"))
+    elapsed = [json.loads(p.read_text())["elapsed_seconds"] for p in shards]
+    assert len(elapsed) == 2 and linear["cert_time_s"] == pytest.approx(sum(elapsed))  # the shards' seconds, summed
 
 
 def test_report_missing_shard_is_partial(tmp_path):
@@ -194,11 +197,11 @@ def test_report_missing_shard_is_partial(tmp_path):
 
 def test_report_prefers_merged_result_over_its_shards(tmp_path):
     run = make_run(tmp_path, "r", method="linear")
-    shards = [str(run / "certify" / "cohen_sigma0.5_n1000" / f"shard{s}of2") for s in range(2)]
-    merged = make_cert(run, run / "certify" / "cohen_sigma0.5_n1000", rows_for(3, 6),
-                       extra={"shard": None, "num_shards": 2, "shards": shards})  # as `peftsmooth merge` writes
+    merged = run / "certify" / "cohen_sigma0.5_n1000"
+    shards = [merged / f"shard{s}of2" for s in range(2)]
     for s in range(2):
-        make_cert(run, Path(shards[s]), rows_for(3, 3, start=s, step=2), shard=s, num_shards=2)
+        make_cert(run, shards[s], rows_for(3, 3, start=s, step=2), shard=s, num_shards=2)
+    results.write_merged(merged, shards)  # as `peftsmooth merge` writes it
     row, = build_report([tmp_path], GRID).rows
     assert row["status"] == "complete (merged 2 shards)" and row["certification"] == str(merged.resolve())
 
@@ -306,3 +309,41 @@ def test_a_copied_summary_without_its_tsv_is_not_a_second_certification(tmp_path
     cert = make_cert(run, run / "certify" / "cohen_sigma0.5_n1000", rows_for(3, 6))
     shutil.copy(Path(cert) / "summary.json", tmp_path / "summary.json")
     assert len(build_report([tmp_path], GRID).rows) == 1
+
+
+def test_report_numbers_come_from_the_rows_not_the_summary(tmp_path):
+    """summary.json gives only metadata: a summary whose numbers disagree with its rows is not believed."""
+    run = make_run(tmp_path, "r")
+    rows = rows_for(5, 12)
+    cert = make_cert(run, run / "certify" / "cohen_sigma0.5_n1000", rows,
+                     extra={"acr": 9.0, "clean_accuracy": 0.0, "certified_accuracy": {"0.5": 1.0}, "num_images": 99})
+    row, = build_report([tmp_path], GRID).rows
+    expected = results.summarize(read_tsv(cert / "certify.tsv"), GRID, mode="cohen", n0=100, n=1000)
+    assert row["acr"] == expected["acr"] and row["clean_accuracy"] == expected["clean_accuracy"]
+    assert row["cert@0.5"] == expected["certified_accuracy"]["0.5"] and row["num_images"] == 12
+    assert row["samples_per_image"] == 1100  # a six-column TSV: CERTIFY's fixed n0 + n
+
+
+def test_report_shows_samples_per_image(tmp_path):
+    run = make_run(tmp_path, "r")
+    where = make_cert(run, run / "certify" / "sequential_sigma0.5_n1000", rows_for(2, 4), mode="sequential")
+    lines = (where / "certify.tsv").read_text().splitlines()
+    samples = [228, 356, 612, 1124]
+    text = "\n".join([lines[0] + "\tsamples"] + [f"{line}\t{s}" for line, s in zip(lines[1:], samples)]) + "\n"
+    (where / "certify.tsv").write_text(text)
+    report = build_report([tmp_path], GRID)
+    row, = report.rows
+    assert row["samples_per_image"] == sum(samples) / 4 and row["acr"] is not None
+    md = to_markdown(report)
+    assert "samples/img" in md.splitlines()[0] and "| 580 |" in md
+    parsed, = csv.DictReader(to_csv(report).splitlines())
+    assert float(parsed["samples_per_image"]) == 580
+
+
+def test_report_refuses_shards_of_different_certifications(tmp_path):
+    run = make_run(tmp_path, "r", method="linear")
+    base = run / "certify" / "cohen_sigma0.5_n1000"
+    make_cert(run, base / "shard0of2", rows_for(3, 3, start=0, step=2), shard=0, num_shards=2)
+    make_cert(run, base / "shard1of2", rows_for(3, 3, start=1, step=2), shard=1, num_shards=2, extra={"alpha": 0.01})
+    with pytest.raises(UserError, match="alpha=0.01"):
+        build_report([tmp_path], GRID)

@@ -1,6 +1,6 @@
 """`peftsmooth report <dir> [<dir>...]`: one comparison table (Markdown, CSV, rich) and one plot.
 
-The table logic lives in `peftsmooth.report` (plain functions the tests call); this module only
+The table and plot live in `peftsmooth.report` (plain functions the tests call); this module only
 checks the options, writes the three files atomically and prints the table.
 """
 
@@ -28,7 +28,7 @@ def run_report(cfg) -> dict:
     from rich.console import Console
 
     from peftsmooth.report import build_report, plot_report, rich_table, to_csv, to_markdown
-    from peftsmooth.runs import atomic_write_text
+    from peftsmooth.runtime import atomic_write_text
 
     dirs = [str(d) for d in (cfg.get("dirs") or [])]
     require(bool(dirs), "dirs is empty: give the directories to scan, e.g. `peftsmooth report outputs/`")

@@ -1,0 +1,217 @@
+"""Cohen's certify.tsv: the one writer and the one parser of the project (certify resume, merge, report).
+
+The columns are Cohen's six, `idx label predict radius correct time`, then `samples` (forward passes
+spent on the image, selection samples included), so Cohen's own analysis (`pandas.read_csv(sep="\\t")`,
+columns read by name) still reads the file. Rows are appended and fsync'd one image at a time, so a
+killed run loses at most the row it was writing; the parser drops that torn last line and refuses any
+other malformed line with a UserError naming the file and the line.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from pathlib import Path
+from typing import Sequence
+
+from peftsmooth.errors import UserError
+from peftsmooth.runtime import atomic_write_text
+
+TSV_FILE = "certify.tsv"
+HEADER = ("idx", "label", "predict", "radius", "correct", "time")  # Cohen's columns, always first
+SAMPLES = "samples"  # forward passes spent on the image (selection samples included)
+RADIUS_DECIMALS = 6  # radii are written rounded DOWN, so the file never claims more than was certified
+
+
+# --- the TSV: writing ----------------------------------------------------------------------
+
+def format_row(idx: int, label: int, prediction: int, radius: float, correct: bool, seconds: float,
+               samples: int | None = None) -> str:
+    whole, _, frac = f"{max(float(radius), 0.0):.12f}".partition(".")
+    r = f"{whole}.{frac[:RADIUS_DECIMALS]}"  # truncated, not rounded: never more than was certified
+    tail = "" if samples is None else f"\t{int(samples)}"
+    return f"{idx}\t{label}\t{prediction}\t{r}\t{int(bool(correct))}\t{seconds:.4f}{tail}\n"
+
+
+def _row_line(row: dict, samples: bool) -> str:
+    """One TSV line of a row dict (TSV names: idx, label, predict, radius, time, samples)."""
+    if samples and row.get(SAMPLES) is None:
+        raise ValueError(f"row {row.get('idx')} has no {SAMPLES!r}, but the TSV has a {SAMPLES} column")
+    return format_row(row["idx"], row["label"], row["predict"], row["radius"], row["predict"] == row["label"],
+                      row["time"], row[SAMPLES] if samples else None)
+
+
+def _columns_for(rows: Sequence[dict]) -> tuple[str, ...]:
+    """Cohen's six columns, then `samples` when every row carries it."""
+    return HEADER + (SAMPLES,) if rows and all(r.get(SAMPLES) is not None for r in rows) else HEADER
+
+
+class TsvWriter:
+    """Appends one fsync'd row per image (the only file certify writes as it goes).
+
+    A new file gets its header with the first row: Cohen's six columns, plus `samples` when the rows
+    carry it. An existing file keeps the columns it has, so a certification begun before the samples
+    column existed resumes with six columns (its samples are then the fixed n0 + n of its mode)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        _drop_torn_tail(self.path)
+        self.columns = read_columns(self.path)
+        if self.columns not in (None, HEADER, HEADER + (SAMPLES,)):
+            raise UserError(f"{self.path}: cannot append to a certify.tsv with columns {self.columns}")
+        self._fh = open(self.path, "a")
+
+    def write(self, idx: int, label: int, prediction: int, radius: float, seconds: float,
+              samples: int | None = None) -> None:
+        self.write_row({"idx": idx, "label": label, "predict": prediction, "radius": radius, "time": seconds,
+                        SAMPLES: samples})
+
+    def write_row(self, row: dict) -> None:
+        if self.columns is None:
+            self._write_header(_columns_for([row]))
+        self._fh.write(_row_line(row, SAMPLES in self.columns))
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+
+    def _write_header(self, columns: tuple[str, ...]) -> None:
+        self.columns = columns
+        self._fh.write("\t".join(columns) + "\n")
+        self._fh.flush()
+
+    def close(self) -> None:
+        if self.columns is None:  # no image certified: still a file Cohen's analysis reads (no rows)
+            self._write_header(HEADER)
+        self._fh.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def write_tsv(path: str | Path, rows: Sequence[dict]) -> None:
+    """A whole TSV at once (merged shards), atomically."""
+    columns = _columns_for(rows)
+    lines = ["\t".join(columns) + "\n"] + [_row_line(r, SAMPLES in columns) for r in rows]
+    atomic_write_text(path, "".join(lines))
+
+
+def _drop_torn_tail(path: Path) -> None:
+    """Cut a partial last line (a run killed mid-write) so appended rows start on a fresh line."""
+    if not path.is_file():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with open(path, "r+b") as fh:
+            fh.truncate(data.rfind(b"\n") + 1)
+
+
+# --- the TSV: reading (the one parser: certify resume, merge, report) -----------------------
+
+_TIMEDELTA = re.compile(r"(?:(\d+) days?, )?(\d+):([0-5]\d):([0-5]\d(?:\.\d*)?)")
+
+
+def parse_seconds(text: str) -> float:
+    """Cohen's `time` column: seconds, or a datetime.timedelta as his certify.py prints it
+    (`0:00:13.736080`, `1 day, 2:03:04.5`)."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        match = _TIMEDELTA.fullmatch(text.strip())
+        if not match:
+            raise
+        days, hours, minutes, secs = match.groups()
+        seconds = int(days or 0) * 86400 + int(hours) * 3600 + int(minutes) * 60 + float(secs)
+    if not (math.isfinite(seconds) and seconds >= 0):
+        raise ValueError(text)
+    return seconds
+
+
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise ValueError(text)
+    return value
+
+
+def _flag(text: str) -> int:
+    value = int(text)
+    if value not in (0, 1):
+        raise ValueError(text)
+    return value
+
+
+def _radius(text: str) -> float:
+    value = float(text)
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(text)
+    return value
+
+
+# column -> (parser, what a valid value is); columns not listed here are read past
+_PARSERS = {"idx": (_count, "an image index >= 0"), "label": (int, "an integer class"),
+            "predict": (int, "an integer class (-1: abstain)"), "radius": (_radius, "a radius >= 0"),
+            "correct": (_flag, "0 or 1"), "time": (parse_seconds, "seconds or H:MM:SS.ffffff"),
+            SAMPLES: (_count, "a sample count >= 0")}
+
+
+def _complete_lines(path: Path) -> list[str]:
+    """The lines of `path` that end with a newline: a last line without one was torn by a kill."""
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path}: not a certify.tsv (not UTF-8 text at byte {err.start})") from None
+    return [line.removesuffix("\r") for line in text.split("\n")[:-1]]
+
+
+def _parse_header(line: str, path: Path) -> tuple[str, ...]:
+    columns = tuple(line.split("\t"))
+    if columns[: len(HEADER)] != HEADER or len(set(columns)) != len(columns) or "" in columns:
+        raise UserError(f"{path}:1: not a certify.tsv header ({line!r}); it must start with the columns "
+                        f"{' '.join(HEADER)}, tab-separated")
+    return columns
+
+
+def _parse_row(line: str, columns: tuple[str, ...], where: str) -> dict:
+    fields = line.split("\t")
+    if len(fields) != len(columns):
+        raise UserError(f"{where}: {len(fields)} tab-separated fields, the header has {len(columns)}")
+    row = {}
+    for name, text in zip(columns, fields):
+        if name not in _PARSERS:
+            continue
+        parse, expected = _PARSERS[name]
+        try:
+            row[name] = parse(text)
+        except ValueError:
+            raise UserError(f"{where}: {name}={text!r} is not {expected}") from None
+    return row
+
+
+def read_tsv(path: str | Path) -> list[dict]:
+    """Rows of a certify.tsv as dicts (idx, label, predict, radius, correct, time in seconds, and
+    samples when the file has that column; other extra columns are read past). A missing file has no
+    rows; a torn last line (a killed run) is dropped; any other malformed line is a UserError naming
+    the file and the line."""
+    path = Path(path)
+    lines = _complete_lines(path) if path.is_file() else []
+    if not lines:
+        return []
+    columns = _parse_header(lines[0], path)
+    rows, first_seen = [], {}
+    for number, line in enumerate(lines[1:], start=2):
+        row = _parse_row(line, columns, f"{path}:{number}")
+        if row["idx"] in first_seen:
+            raise UserError(f"{path}:{number}: image idx {row['idx']} again (first on line {first_seen[row['idx']]})")
+        first_seen[row["idx"]] = number
+        rows.append(row)
+    return rows
+
+
+def read_columns(path: str | Path) -> tuple[str, ...] | None:
+    """The columns of a certify.tsv's header; None when there is no complete header line yet."""
+    path = Path(path)
+    lines = _complete_lines(path)[:1] if path.is_file() else []
+    return _parse_header(lines[0], path) if lines else None
