@@ -5,7 +5,7 @@
       -> timm backbone with a fresh head
 
 Because resizing and normalization are part of f, the noise of randomized smoothing and the
-certified radius stay in the dataset's native pixel space (DESIGN.md section 2, rule 1).
+certified radius stay in the dataset's native pixel space (validity rule 1 in docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from peftsmooth.errors import UserError
+from peftsmooth.runtime import atomic_write
 
 
 class BaseClassifier(nn.Module):
@@ -82,10 +83,8 @@ def save_state_dict_file(state: Mapping[str, torch.Tensor], path: str | Path) ->
     """Write a safetensors file atomically (contiguous, de-aliased tensors)."""
     from safetensors.torch import save_file
 
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().cpu().contiguous().clone() for k, v in state.items()}, str(tmp))
-    tmp.replace(path)
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp))
 
 
 def _create_backbone(model_cfg, num_classes: int) -> nn.Module:

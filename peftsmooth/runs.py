@@ -313,8 +313,7 @@ class Run:
         self.info = self.info.updated(files=[*self.info.files, *kept, *files], finished=True, **values)
         if self.dist_info.is_main:
             self.info = self.info.write(self.path)
-        if self.dist_info.world_size > 1:
-            import torch.distributed as dist
+        from peftsmooth.distributed import shutdown
 
-            dist.destroy_process_group()
+        shutdown(self.dist_info)
         return self.info
