@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import sys
 import time
 from collections.abc import Mapping
@@ -28,6 +29,7 @@ from typing import Any, Iterator
 
 import torch.nn as nn
 
+from peftsmooth.distributed import DistInfo, broadcast_object, init_distributed, shutdown
 from peftsmooth.errors import UserError, require
 from peftsmooth.runtime import atomic_write_text, freeze
 
@@ -245,8 +247,6 @@ def run_directory(cfg, command: str) -> Path:
 def _drop_stray_dir(mine: Path, run_dir: Path) -> None:
     """A job whose Hydra directory is not the run directory (another torchrun rank, or `resume=`)
     removes it when it holds only Hydra's own files."""
-    import shutil
-
     if mine != run_dir and mine.is_dir() and all(p.name == ".hydra" or p.suffix == ".log" for p in mine.iterdir()):
         shutil.rmtree(mine, ignore_errors=True)
 
@@ -254,7 +254,7 @@ def _drop_stray_dir(mine: Path, run_dir: Path) -> None:
 class Run:
     """One run directory from start to finish (see the module docstring)."""
 
-    def __init__(self, command: str, path: Path, dist_info, fingerprint: dict, resuming: bool):
+    def __init__(self, command: str, path: Path, dist_info: DistInfo, fingerprint: dict, resuming: bool):
         self.command, self.path, self.dist_info = command, path, dist_info
         self.fingerprint = fingerprint   # the config a checkpoint here must match (fit's `config`)
         self.resuming = resuming         # a checkpoint of this run is here
@@ -264,7 +264,6 @@ class Run:
     @classmethod
     def open(cls, cfg, command: str, device, settings=None) -> "Run":
         """The run directory, agreed on by every torchrun rank, after every check before any work."""
-        from peftsmooth.distributed import broadcast_object, init_distributed
         from peftsmooth.training import preflight, resume_fingerprint
 
         dist_info = init_distributed(device)
@@ -313,7 +312,5 @@ class Run:
         self.info = self.info.updated(files=[*self.info.files, *kept, *files], finished=True, **values)
         if self.dist_info.is_main:
             self.info = self.info.write(self.path)
-        from peftsmooth.distributed import shutdown
-
         shutdown(self.dist_info)
         return self.info

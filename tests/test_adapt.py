@@ -129,3 +129,19 @@ def test_prompt_and_adapter_need_a_vit(tmp_path):
 def test_unknown_adapter_style_is_user_error():
     with pytest.raises(UserError, match="peft.style"):
         build_adaptation(compose("train", TINY + ["peft=adapter", "peft.style=diagonal"]).peft)
+
+
+def test_a_target_that_is_not_an_adaptation_is_a_user_error():
+    with pytest.raises(UserError, match="not an adaptation method"):
+        build_adaptation({"_target_": "collections.OrderedDict"})
+
+
+def test_the_base_class_gives_the_defaults():
+    from peftsmooth.adapt import Adaptation, NoAdaptation
+
+    none = NoAdaptation()
+    model = torch.nn.Linear(2, 2)
+    assert isinstance(none, Adaptation) and not none.trains and not none.zeroth_order
+    assert none.save(model, None) == [] and none.extra_run_info() == {}
+    assert none.before_certify(model) == (model, [])
+    assert not hasattr(none, "training_step")  # only zeroth-order methods have one

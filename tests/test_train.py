@@ -266,3 +266,27 @@ def test_training_step_hook_replaces_backward_and_logs_its_fields(tmp_path):
     assert out["metrics"]["lr"] is None and out["metrics"]["train_acc"] == 4 / 32
     assert torch.allclose(model[1].bias.detach(), bias + 0.08)  # only the hook's in-place updates
     assert training.read_checkpoint(tmp_path)["hook"] == {"calls": 8}
+
+
+def test_run_info_schema_round_trip_and_bad_values(tmp_path):
+    from peftsmooth.runs import RunInfo, write_run_info
+
+    written = write_run_info(tmp_path, command="train", model={"name": "m"}, num_classes=10, image_size=[1, 8, 8],
+                             sigma=0.25, queries=12)
+    info = read_run_info(tmp_path)
+    assert isinstance(info, RunInfo) and info == written
+    assert info.extra == {"queries": 12} and info["queries"] == 12 and info.sigma == 0.25
+    assert json.loads((tmp_path / "run.json").read_text()) == dict(info)
+    (tmp_path / "run.json").write_text(json.dumps({**dict(info), "num_classes": "ten"}))
+    with pytest.raises(UserError, match="num_classes='ten'"):
+        read_run_info(tmp_path)
+
+
+def test_resume_of_another_commands_run_is_refused(tmp_path):
+    from peftsmooth.runs import write_run_info
+
+    (tmp_path / "d").mkdir()
+    write_run_info(tmp_path / "d", command="denoise-baseline", model={"name": "m"}, num_classes=10,
+                   image_size=[1, 8, 8])
+    with pytest.raises(UserError, match="is a denoise-baseline run"):
+        _train(tmp_path / "x", "peft=lora", f"resume={tmp_path / 'd'}")

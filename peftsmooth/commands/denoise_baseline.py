@@ -191,7 +191,7 @@ def _train_or_evaluate(cfg, run, front, model, objective, settings, method: str)
     from peftsmooth.data import build_dataset
     from peftsmooth.training import fit
 
-    data_cfg = OmegaConf.create(to_plain(run.info.dataset))
+    data_cfg = OmegaConf.create(run.info.dataset)
     test_set = build_dataset(data_cfg, "test")
     sigma, seed = float(cfg.sigma), int(cfg.seed)
     if not front.trains:
