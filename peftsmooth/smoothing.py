@@ -12,16 +12,18 @@ the dataset's native pixel space (f does its own resizing and normalization). `S
   and memory does not depend on n.
 - `precision="bf16"|"fp16"` runs f under autocast. The noise and x + noise stay fp32 (the smoothing
   distribution is the exact Gaussian); rounding the noisy input is part of the base classifier, which
-  is what gets certified (DESIGN.md section 2, rule 5).
+  is what gets certified (validity rule 5 in docs/architecture.md: what ran is certified).
 - the selection samples (n0) and the estimation samples (n) come from different noise streams and are
-  never reused for one another (rule 2).
+  never reused for one another (validity rule 2).
+- `compile()` wraps f in torch.compile: warmed up once, every batch padded to one fixed shape (padded
+  rows are never counted), and the eager model kept when compilation fails.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import itertools
+import logging
 import math
 import time
 from dataclasses import dataclass
@@ -31,21 +33,23 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from peftsmooth.runtime import PRECISIONS, hash_seed
 from peftsmooth.stats import binomial_pvalue, lower_confidence_bound, radius
 
+log = logging.getLogger(__name__)
+
 NOISE_BLOCK = 128  # samples per independently seeded noise block
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 SELECTION, ESTIMATION, PREDICTION = "selection", "estimation", "predict"
 
 
 def image_seed(seed: int, idx: int) -> int:
-    """The seed of image `idx` in a run seeded with `seed` (rule 7: noise depends only on (seed, idx))."""
-    return _hash64("image", int(seed), int(idx))
+    """The seed of image `idx` in a run seeded with `seed` (validity rule 7: noise depends only on (seed, idx))."""
+    return hash_seed("image", int(seed), int(idx))
 
 
-def _hash64(*parts) -> int:
-    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+def selection_group(n0: int, batch_size: int, pack: bool = True) -> int:
+    """How many images share the forward passes of their n0 selection samples (`certify_many`)."""
+    return max(1, batch_size // n0) if pack else 1
 
 
 class NoiseStream:
@@ -59,7 +63,7 @@ class NoiseStream:
         self._buffer: torch.Tensor | None = None  # drawn but not yet handed out
 
     def _next_block(self) -> torch.Tensor:
-        self._generator.manual_seed(_hash64(self.seed, self.phase, self._block))
+        self._generator.manual_seed(hash_seed(self.seed, self.phase, self._block))
         self._block += 1
         noise = torch.randn((NOISE_BLOCK, *self.shape), generator=self._generator, device=self.device)
         return noise.mul_(self.sigma)
@@ -169,7 +173,7 @@ class Smooth:
         the n0 selection samples of up to batch_size // n0 images share one forward pass.
         """
         _check_args(n0=n0, n=n, alpha=alpha, batch_size=batch_size)
-        group = max(1, batch_size // n0) if pack else 1
+        group = selection_group(n0, batch_size, pack)
         pairs = zip(xs, seeds)
         with self._precision(precision):
             while chunk := [pair for _, pair in zip(range(group), pairs)]:
@@ -184,6 +188,27 @@ class Smooth:
                     pABar = lower_confidence_bound(nA, n, alpha)
                     prediction, r = (cAHat, radius(self.sigma, pABar)) if pABar >= 0.5 else (Smooth.ABSTAIN, 0.0)
                     yield Certificate(prediction, r, cAHat, nA, pABar, share + time.perf_counter() - start)
+
+    # --- compilation --------------------------------------------------------------------------
+
+    def compile(self, batch_size: int, image_shape: Sequence[int], *, mode: str | None = None) -> str | None:
+        """torch.compile the base classifier and pad every batch to `batch_size` rows (one shape, so no
+        recompilation for a last, partial batch); warmed up here, outside any timed loop. On failure the
+        eager classifier stays and the error is returned (None on success). mode="reduce-overhead"
+        adds CUDA graphs."""
+        eager, eager_padding = self.base_classifier, self.pad_batches
+        try:
+            self.base_classifier = torch.compile(eager, mode=None if mode in (None, "default") else mode)
+            self.pad_batches = True
+            warm = torch.zeros(batch_size, *[int(s) for s in image_shape], device=self._device(None))
+            with torch.no_grad():
+                for _ in range(2):
+                    self._classify(warm, batch_size)
+            return None
+        except Exception as err:  # noqa: BLE001 - any compiler failure falls back to eager execution
+            log.warning("torch.compile failed (%s: %s); certifying the eager model", type(err).__name__, err)
+            self.base_classifier, self.pad_batches = eager, eager_padding
+            return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
 
     # --- sampling -----------------------------------------------------------------------------
 
@@ -259,10 +284,11 @@ class Smooth:
 
     # --- helpers ------------------------------------------------------------------------------
 
-    def _device(self, x: torch.Tensor) -> torch.device:
+    def _device(self, x: torch.Tensor | None) -> torch.device:
+        """The classifier's device; for one without parameters or buffers, x's (or the CPU)."""
         for tensor in itertools.chain(self.base_classifier.parameters(), self.base_classifier.buffers()):
             return tensor.device
-        return x.device
+        return x.device if x is not None else torch.device("cpu")
 
     @contextlib.contextmanager
     def _precision(self, precision: str | None):

@@ -182,7 +182,7 @@ def main(argv=None) -> list[dict]:
         torch.set_num_threads(args.threads)
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from peftsmooth.commands.certify import AUTO_BATCH, maybe_compile
+    from peftsmooth.engine import AUTO_BATCH
     from peftsmooth.runtime import resolve_device
     from peftsmooth.smoothing import Smooth
 
@@ -201,7 +201,7 @@ def main(argv=None) -> list[dict]:
                         torch.cuda.reset_peak_memory_stats(device)
                     model = eager.to(memory_format=torch.channels_last) if _bool(cl_text) else eager
                     g = Smooth(model, args.num_classes, args.sigma, precision=precision, channels_last=_bool(cl_text))
-                    compile_error = (maybe_compile(g, batch_size, args.image_size, device, args.compile_mode)
+                    compile_error = (g.compile(batch_size, args.image_size, mode=args.compile_mode)
                                      if _bool(compile_text) else None)
                     fns = {"ours": lambda: g.certify(x, args.n0, args.n, 0.001, batch_size, seed=0)}
                     if not args.no_reference:

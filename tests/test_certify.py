@@ -12,7 +12,8 @@ import torch
 from conftest import TINY, compose
 
 from peftsmooth import results
-from peftsmooth.commands.certify import merge_exact_adapters, run_certify
+from peftsmooth.adapt.peft_tuners import merge_exact
+from peftsmooth.commands.certify import run_certify
 from peftsmooth.commands.merge import run_merge
 from peftsmooth.errors import UserError
 from peftsmooth.models import build_classifier, count_parameters, save_state_dict_file
@@ -62,7 +63,9 @@ def rows_without_time(path):
 def test_outputs_follow_the_schema(reference):
     out, summary = reference
     lines = (out / "certify.tsv").read_text().splitlines()
-    assert lines[0] == "idx\tlabel\tpredict\tradius\tcorrect\ttime" and len(lines) == 1 + 6
+    # Cohen's six columns first, then the forward passes spent per image (n0 + n for CERTIFY)
+    assert lines[0] == "idx\tlabel\tpredict\tradius\tcorrect\ttime\tsamples" and len(lines) == 1 + 6
+    assert {line.split("\t")[6] for line in lines[1:]} == {str(8 + 64)}
     assert SCHEMA <= set(summary) and summary["complete"] and summary["num_images"] == 6
     assert summary == json.loads((out / "summary.json").read_text())
     assert (summary["n0"], summary["n"], summary["alpha"], summary["sigma"]) == (8, 64, 0.01, 0.25)
@@ -186,7 +189,7 @@ def test_lora_adapters_are_merged_exactly():
     x = torch.rand(5, 1, 8, 8)
     with torch.no_grad():
         before = model(x)
-        merged, methods = merge_exact_adapters(model)
+        merged, methods = merge_exact(model)
         after = merged(x)
     assert methods == ["LORA"] and not hasattr(merged, "peft_config")
     torch.testing.assert_close(before, after, rtol=1e-4, atol=1e-5)

@@ -7,7 +7,6 @@ import torch
 import torch.nn as nn
 from conftest import TINY, compose
 
-from peftsmooth.commands.certify import maybe_compile
 from peftsmooth.models import build_classifier
 from peftsmooth.smoothing import Smooth, image_seed
 
@@ -72,7 +71,7 @@ def test_compile_failure_falls_back_to_eager(tiny_vit, images, monkeypatch):
 
     monkeypatch.setattr(torch, "compile", broken)
     g = Smooth(tiny_vit, 10, 0.25)
-    error = maybe_compile(g, 32, [1, 8, 8], torch.device("cpu"))
+    error = g.compile(32, [1, 8, 8])
     assert "no compiler here" in error and g.base_classifier is tiny_vit and not g.pad_batches
     ref = Smooth(tiny_vit, 10, 0.25).certify(images[0], 8, 64, 0.01, 32, seed=3)
     assert g.certify(images[0], 8, 64, 0.01, 32, seed=3) == ref
@@ -90,7 +89,7 @@ def test_compiled_classifier_counts_the_same_samples():
     x = torch.rand(1, 8, 8)
     eager = Smooth(model, 10, 0.5)._sample_noise(x, 300, 64, 5, "estimation")
     g = Smooth(model, 10, 0.5)
-    error = maybe_compile(g, 64, [1, 8, 8], torch.device("cpu"))
+    error = g.compile(64, [1, 8, 8])
     if error is not None:
         pytest.skip(f"torch.compile unavailable here: {error}")
     assert g.pad_batches

@@ -1,0 +1,77 @@
+"""The classifier `certify` certifies: a run's (run=...) or an off-the-shelf one (model=..., no adaptation),
+checked against the dataset and prepared for certification (exact adapter merge, device, memory format)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from omegaconf import OmegaConf
+
+from peftsmooth.config import hydra_choice
+from peftsmooth.errors import require
+from peftsmooth.runtime import freeze
+
+
+def load_classifier(cfg) -> tuple[nn.Module, dict]:
+    """The model to certify and where it came from (`source`: run, method, model_name, parameter
+    counts, sigma_train, num_classes, and `dataset_cfg`, the dataset to certify on)."""
+    from peftsmooth.models import build_classifier, count_parameters
+    from peftsmooth.runs import load_run
+
+    if cfg.get("run"):
+        model, info = load_run(cfg.run)
+        dataset = OmegaConf.create(info.get("dataset") or OmegaConf.to_container(cfg.dataset, resolve=True))
+        if _overridden("dataset"):  # e.g. a dataset.root on this machine; must still be the same task
+            dataset = cfg.dataset
+            require(int(dataset.num_classes) == int(info["num_classes"]),
+                    f"dataset.num_classes={dataset.num_classes} does not match the run's num_classes={info['num_classes']} "
+                    f"(run={cfg.run})")
+        source = {"run": str(Path(str(cfg.run)).expanduser().resolve()), "method": info.get("method"),
+                  "model_name": info.get("model_name"), "trainable_params": info.get("trainable_params"),
+                  "sigma_train": info.get("sigma"), "num_classes": int(info["num_classes"])}
+    else:
+        dataset = cfg.dataset
+        model = freeze(build_classifier(cfg.model, int(dataset.num_classes), list(dataset.image_size)).eval())
+        source = {"run": None, "method": "none", "model_name": hydra_choice("model"), "trainable_params": 0,
+                  "sigma_train": None, "num_classes": int(dataset.num_classes)}
+    source["total_params"] = count_parameters(model)[1]
+    source["dataset_cfg"] = dataset
+    require(source["num_classes"] == int(dataset.num_classes),
+            f"dataset.num_classes={dataset.num_classes} does not match the classifier's {source['num_classes']} classes")
+    return model, source
+
+
+def check_num_classes(model: nn.Module, num_classes: int, image_size) -> None:
+    """One forward pass on a blank image: the classifier must output num_classes logits."""
+    with torch.no_grad():
+        logits = model(torch.zeros(1, *[int(s) for s in image_size]))
+    require(logits.shape[-1] == num_classes,
+            f"the classifier outputs {logits.shape[-1]} classes but dataset.num_classes={num_classes}")
+
+
+def prepare_for_certify(model: nn.Module, device: torch.device, *, merge_adapters: bool,
+                        channels_last: bool) -> tuple[nn.Module, list[str]]:
+    """The model on `device`, its exactly mergeable adapters folded in (when asked); returns it and the
+    adapter methods merged."""
+    merged = []
+    if merge_adapters:
+        from peftsmooth.adapt.peft_tuners import merge_exact
+
+        model, merged = merge_exact(model)
+    model = model.to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model, merged
+
+
+def _overridden(group: str) -> bool:
+    """Whether the command line overrides a key of `group` (e.g. dataset=... or dataset.root=...)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        task = list(HydraConfig.get().overrides.task)
+    except Exception:  # noqa: BLE001 - outside a Hydra job nothing is overridden
+        return False
+    return any(o.lstrip("+~").split("=")[0].split(".")[0] == group for o in task)

@@ -1,0 +1,269 @@
+"""The certification engine: which images, which are already done, and one row per image.
+
+    s = Settings.from_config(cfg.certify)            # every certify.* key checked, before any model
+    indices = select_indices(len(dataset), s)          # Cohen's skip/start/max, then this shard's part
+    done = resume_rows(out, identity, set(indices))    # rows already in certify.tsv (torn tail dropped)
+    certify_into(out, certify_rows(g, dataset, todo, s, seed, batch_size), on_row=progress)
+
+A certification MODE is one entry of `MODES`: it turns (Smooth, one image, its seed, the settings) into
+the fields of the image's row (prediction, radius, samples). `cohen` (CERTIFY) and `predict` (PREDICT)
+are registered below; a new mode subclasses `Mode`, checks its own certify.* keys in `read_options`,
+returns the row fields from `certify_one`, and registers itself with `@register("name")`.
+Every row carries `samples`: the forward passes spent on the image, selection samples included.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import torch
+
+from peftsmooth import results
+from peftsmooth.distributed import rank_share
+from peftsmooth.errors import choice_error, require
+from peftsmooth.runtime import PRECISIONS
+from peftsmooth.smoothing import Smooth, image_seed, selection_group
+
+log = logging.getLogger(__name__)
+
+AUTO_BATCH = {"cuda": 4096, "cpu": 256}  # first try for certify.batch_size=auto (halved on out-of-memory)
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+# --- modes ----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Image:
+    """One selected test image: its index, label, pixels and noise seed (validity rule 7)."""
+
+    idx: int
+    label: int
+    x: torch.Tensor
+    seed: int
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a mode says about one image: the row fields beyond idx and label."""
+
+    prediction: int
+    radius: float
+    samples: int  # forward passes spent on the image, selection samples included
+    seconds: float
+
+
+class Mode:
+    """One certification procedure. The default certifies image by image with `certify_one`; a mode
+    that shares forward passes between images overrides `group_size` and `certify_group`."""
+
+    uses_n0 = True  # whether certify.n0 is part of the rows' identity (resume, merge)
+
+    def read_options(self, c) -> dict[str, Any]:
+        """This mode's own certify.* keys, checked (a UserError names the first bad one)."""
+        return {}
+
+    def identity(self, s: Settings) -> dict[str, Any]:
+        """The sample-size keys that give a row its meaning (see results.IDENTITY_KEYS)."""
+        return {"n0": s.n0 if self.uses_n0 else None, "n": s.n}
+
+    def group_size(self, s: Settings, batch_size: int) -> int:
+        return 1
+
+    def certify_one(self, g: Smooth, x: torch.Tensor, seed: int, s: Settings,
+                    batch_size: int) -> tuple[int, float, int]:
+        """(prediction, radius, samples) of one image."""
+        raise NotImplementedError
+
+    def certify_group(self, g: Smooth, images: Sequence[Image], s: Settings, batch_size: int) -> Iterator[Outcome]:
+        """One outcome per image, in order, timed image by image."""
+        for image in images:
+            start = time.perf_counter()
+            prediction, radius, samples = self.certify_one(g, image.x, image.seed, s, batch_size)
+            yield Outcome(prediction, radius, samples, time.perf_counter() - start)
+
+
+MODES: dict[str, Mode] = {}
+
+
+def register(name: str) -> Callable[[type[Mode]], type[Mode]]:
+    """Class decorator: make `certify.mode=name` run this Mode."""
+    def add(cls: type[Mode]) -> type[Mode]:
+        MODES[name] = cls()
+        return cls
+    return add
+
+
+@register("cohen")
+class Certify(Mode):
+    """CERTIFY (validity rule 2): n0 selection samples, n estimation samples; the selection samples of
+    up to batch_size // n0 images share forward passes (certify.pack)."""
+
+    def group_size(self, s: Settings, batch_size: int) -> int:
+        return selection_group(s.n0, batch_size, s.pack)
+
+    def certify_group(self, g: Smooth, images: Sequence[Image], s: Settings, batch_size: int) -> Iterator[Outcome]:
+        certificates = g.certify_many([im.x for im in images], [im.seed for im in images], s.n0, s.n, s.alpha,
+                                      batch_size, pack=s.pack)
+        for cert in certificates:
+            yield Outcome(cert.prediction, cert.radius, s.n0 + s.n, cert.seconds)
+
+
+@register("predict")
+class Predict(Mode):
+    """PREDICT (validity rule 3): n samples, a binomial test of the top two counts; no radius."""
+
+    uses_n0 = False
+
+    def certify_one(self, g: Smooth, x: torch.Tensor, seed: int, s: Settings,
+                    batch_size: int) -> tuple[int, float, int]:
+        return g.predict(x, s.n, s.alpha, batch_size, seed=seed), 0.0, s.n
+
+
+# A sequential certifier registers the same way: read_options checks its keys (n_max, the stopping
+# rule and its parameters), identity names them, and certify_one returns the
+# (prediction, radius, samples) of Smooth.certify_sequential(x, s.n0, n_max, s.alpha, batch_size, ...,
+# seed=seed).
+
+
+# --- settings, checked before anything runs -------------------------------------------------
+
+@dataclass
+class Settings:
+    mode: str
+    n0: int
+    n: int
+    alpha: float
+    batch_size: int | str
+    skip: int
+    start: int
+    max: int | None
+    shard: int
+    num_shards: int
+    resume: str | None
+    precision: str
+    compile: bool
+    compile_mode: str
+    channels_last: bool
+    merge_adapters: bool
+    pack: bool
+    radius_grid: list[float]
+    options: dict[str, Any] = field(default_factory=dict)  # the mode's own keys (Mode.read_options)
+
+    @classmethod
+    def from_config(cls, c) -> Settings:
+        """certify.* as Settings, or a UserError naming the first bad key."""
+        require(str(c.get("mode")) in MODES, str(choice_error("certify.mode", c.get("mode"), MODES)))
+        _check_numbers(c)
+        if str(c.get("precision")) not in PRECISIONS:
+            raise choice_error("certify.precision", c.get("precision"), PRECISIONS)
+        if str(c.get("compile_mode", "default")) not in COMPILE_MODES:
+            raise choice_error("certify.compile_mode", c.get("compile_mode"), COMPILE_MODES)
+        grid = list(c.get("radius_grid") or [])
+        require(all(isinstance(r, (int, float)) and r >= 0 for r in grid), f"certify.radius_grid={grid} must be radii >= 0")
+        return cls(mode=str(c.mode), n0=int(c.n0), n=int(c.n), alpha=float(c.alpha), batch_size=c.batch_size,
+                   skip=int(c.skip), start=int(c.start), max=c.get("max"), shard=int(c.shard),
+                   num_shards=int(c.num_shards), resume=c.get("resume"), precision=str(c.precision),
+                   compile=bool(c.compile), compile_mode=str(c.get("compile_mode", "default")),
+                   channels_last=bool(c.channels_last), merge_adapters=bool(c.merge_adapters),
+                   pack=bool(c.get("pack", True)), radius_grid=[float(r) for r in grid],
+                   options=MODES[str(c.mode)].read_options(c))
+
+    @property
+    def engine_mode(self) -> Mode:
+        return MODES[self.mode]
+
+    def batch_for(self, device: torch.device) -> int:
+        """certify.batch_size, with `auto` as the first try for this device."""
+        return AUTO_BATCH.get(device.type, 256) if self.batch_size == "auto" else int(self.batch_size)
+
+    def for_rank(self, rank: int, world_size: int) -> Settings:
+        """Under torchrun every process certifies one shard: shard = rank of world_size."""
+        return dataclasses.replace(self, shard=rank, num_shards=world_size) if world_size > 1 else self
+
+
+def _is_int(value, low: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def _check_numbers(c) -> None:
+    for key in ("n0", "n"):
+        require(_is_int(c.get(key), 1), f"certify.{key}={c.get(key)} must be an integer >= 1")
+    alpha = c.get("alpha")
+    require(isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and 0 < alpha < 1,
+            f"certify.alpha={alpha} must lie strictly between 0 and 1 (Cohen's default: 0.001)")
+    bs = c.get("batch_size")
+    require(bs == "auto" or _is_int(bs, 1), f"certify.batch_size={bs} must be an integer >= 1 or auto")
+    require(_is_int(c.get("skip"), 1), f"certify.skip={c.get('skip')} must be an integer >= 1")
+    require(_is_int(c.get("start"), 0), f"certify.start={c.get('start')} must be an integer >= 0")
+    require(c.get("max") is None or _is_int(c.get("max"), 1), f"certify.max={c.get('max')} must be null or an integer >= 1")
+    require(_is_int(c.get("num_shards"), 1), f"certify.num_shards={c.get('num_shards')} must be an integer >= 1")
+    require(_is_int(c.get("shard"), 0) and c.get("shard") < c.get("num_shards"),
+            f"certify.shard={c.get('shard')} must be an integer in [0, certify.num_shards={c.get('num_shards')})")
+
+
+# --- which images ---------------------------------------------------------------------------
+
+def select_indices(num_images: int, s: Settings) -> list[int]:
+    """Cohen's selection (every `skip`-th test image from `start`, at most `max`), then this shard's part."""
+    chosen = list(range(s.start, num_images, s.skip))
+    if s.max is not None:
+        chosen = chosen[: s.max]
+    return rank_share(chosen, s.shard, s.num_shards)
+
+
+def resume_rows(out: Path, identity: dict, wanted: set[int], *, resume: str | None = None) -> list[dict]:
+    """Rows already in out/certify.tsv (a torn last line is dropped), after checking they were certified
+    with these settings and belong to this image selection (which may extend the previous one, e.g. a
+    larger max). With `resume` (certify.resume) the TSV must exist."""
+    tsv = out / results.TSV_FILE
+    require(not resume or tsv.is_file(), f"certify.resume={resume} holds no {results.TSV_FILE} to resume")
+    if not tsv.is_file():
+        return []
+    rows = results.read_tsv(tsv)
+    previous = results.read_summary(out)
+    require(previous is not None, f"{tsv} exists without a {results.SUMMARY_FILE}: not a certify directory to resume")
+    for key in results.IDENTITY_KEYS:
+        require(previous.get(key) == identity.get(key),
+                f"{out} holds a certification with {key}={previous.get(key)}, this run has {key}={identity.get(key)}; "
+                f"certify into another directory (hydra.run.dir=...)")
+    extra = sorted(r["idx"] for r in rows if r["idx"] not in wanted)
+    require(not extra, f"{out} holds images outside this run's selection (idx {extra[:3]}...; skip/start/max/shard "
+                       f"differ); certify into another directory (hydra.run.dir=...)")
+    if rows:
+        log.info("resuming %s: %d images already certified", out, len(rows))
+    return rows
+
+
+# --- the loop -------------------------------------------------------------------------------
+
+def certify_rows(g: Smooth, dataset, todo: Sequence[int], s: Settings, seed: int, batch_size: int) -> Iterator[dict]:
+    """One row per image of `todo`, in order: idx, label, predict, radius, correct, time, samples."""
+    mode = s.engine_mode
+    size = mode.group_size(s, batch_size)
+    for first in range(0, len(todo), size):
+        images = [load_image(dataset, idx, seed) for idx in todo[first: first + size]]
+        for image, out in zip(images, mode.certify_group(g, images, s, batch_size), strict=True):
+            yield {"idx": image.idx, "label": image.label, "predict": out.prediction, "radius": out.radius,
+                   "correct": int(out.prediction == image.label), "time": out.seconds, "samples": out.samples}
+
+
+def load_image(dataset, idx: int, seed: int) -> Image:
+    x, label = dataset[idx]
+    return Image(idx, int(label), x, image_seed(seed, idx))
+
+
+def certify_into(out: Path, rows: Iterable[dict], on_row: Callable[[dict], None] | None = None) -> list[dict]:
+    """Append every row to out/certify.tsv as it comes (flushed), telling `on_row` (e.g. a progress bar)."""
+    written = []
+    with results.TsvWriter(out / results.TSV_FILE) as writer:
+        for row in rows:
+            writer.write_row(row)
+            written.append(row)
+            if on_row is not None:
+                on_row(row)
+    return written
