@@ -43,6 +43,16 @@ def load_classifier(cfg) -> tuple[nn.Module, dict]:
     return model, source
 
 
+def certify_sigma(given, sigma_train) -> float:
+    """The noise level to certify at: `sigma` when given, else the run's training sigma (model=... has none)."""
+    sigma = given if given is not None else sigma_train
+    require(sigma is not None, "sigma=null: give the noise level to certify at, e.g. sigma=0.25 (required with model=...)")
+    require(isinstance(sigma, (int, float)) and float(sigma) > 0,
+            f"sigma={sigma} must be > 0 to certify" if given is not None else
+            f"the run was trained at sigma={sigma}: give the noise level to certify at, e.g. sigma=0.25")
+    return float(sigma)
+
+
 def check_num_classes(model: nn.Module, num_classes: int, image_size) -> None:
     """One forward pass on a blank image: the classifier must output num_classes logits."""
     with torch.no_grad():

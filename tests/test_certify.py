@@ -141,6 +141,7 @@ def test_predict_mode_reports_smoothed_accuracy(run_dir, tmp_path):
     assert summary["mode"] == "predict" and summary["acr"] is None and summary["num_images"] == 6
     df = pd.read_csv(tmp_path / "certify.tsv", delimiter="\t")
     assert (df["radius"] == 0).all() and summary["clean_accuracy"] == pytest.approx(df["correct"].mean())
+    assert (df["samples"] == 64).all()  # PREDICT spends n forward passes per image, no selection
     assert not (tmp_path / "curve.png").exists()
 
 

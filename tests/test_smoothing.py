@@ -212,3 +212,20 @@ def test_gpu_phase_has_no_host_sync_and_memory_independent_of_n():
         assert int(counts.sum()) == n
         peaks.append(torch.cuda.max_memory_allocated())
     assert peaks[1] <= peaks[0] * 1.1 + 2**20
+
+
+def test_noise_seeds_are_the_blake2b_ones_and_precisions_are_shared():
+    """image_seed and the noise blocks keep their seeds (runtime.hash_seed: blake2b of the parts' repr),
+    so certifications made before and after resume into the same rows."""
+    import hashlib
+
+    from peftsmooth import runtime, smoothing
+
+    def blake(*parts):
+        return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little") & ((1 << 63) - 1)
+
+    assert image_seed(3, 17) == blake("image", 3, 17)
+    stream = smoothing.NoiseStream(11, "selection", SHAPE, 0.5, torch.device("cpu"))
+    expected = torch.randn((NOISE_BLOCK, *SHAPE), generator=torch.Generator().manual_seed(blake(11, "selection", 0)))
+    torch.testing.assert_close(stream.take(NOISE_BLOCK), expected * 0.5, rtol=0, atol=0)
+    assert smoothing.PRECISIONS is runtime.PRECISIONS

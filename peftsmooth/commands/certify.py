@@ -26,7 +26,7 @@ import torch
 from omegaconf import OmegaConf
 
 from peftsmooth import results
-from peftsmooth.classifier import check_num_classes, load_classifier, prepare_for_certify
+from peftsmooth.classifier import certify_sigma, check_num_classes, load_classifier, prepare_for_certify
 from peftsmooth.config import _remove_if_unstarted, hydra_app, output_dir
 from peftsmooth.distributed import DistInfo, barrier, broadcast_object, init_distributed, shutdown
 from peftsmooth.engine import Settings, certify_into, certify_rows, resume_rows, select_indices
@@ -47,7 +47,7 @@ def run_certify(cfg) -> dict:
             "certify.num_shards must stay 1 under torchrun (each of the WORLD_SIZE processes certifies one shard)")
     s = s.for_rank(dist.rank, dist.world_size)
     model, source = load_classifier(cfg)
-    sigma = _certify_sigma(cfg.get("sigma"), source["sigma_train"])
+    sigma = certify_sigma(cfg.get("sigma"), source["sigma_train"])
     dataset_cfg = source.pop("dataset_cfg")
     check_num_classes(model, source["num_classes"], dataset_cfg.image_size)
     dataset = build_dataset(dataset_cfg, split="test")
@@ -87,16 +87,6 @@ def run_certify(cfg) -> dict:
         summary = _merge_ranks(base_dir, dist, s.radius_grid)
     _log_summary(summary, base_dir)
     return summary
-
-
-def _certify_sigma(given, sigma_train) -> float:
-    """The noise level to certify at: `sigma`, else the run's training sigma."""
-    sigma = given if given is not None else sigma_train
-    require(sigma is not None, "sigma=null: give the noise level to certify at, e.g. sigma=0.25 (required with model=...)")
-    require(isinstance(sigma, (int, float)) and float(sigma) > 0,
-            f"sigma={sigma} must be > 0 to certify" if given is not None else
-            f"the run was trained at sigma={sigma}: give the noise level to certify at, e.g. sigma=0.25")
-    return float(sigma)
 
 
 def _merge_ranks(base: Path, dist: DistInfo, radius_grid) -> dict:
