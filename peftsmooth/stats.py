@@ -1,16 +1,22 @@
-"""The three numbers behind a randomized-smoothing certificate (Cohen et al. 2019, DESIGN.md section 2).
+"""The three numbers behind a randomized-smoothing certificate (Cohen et al. 2019; validity rules 2-4 in
+docs/architecture.md).
 
 - `lower_confidence_bound(nA, n, alpha)`: the one-sided (1 - alpha) Clopper-Pearson lower bound on pA
   from nA successes out of n, i.e. the alpha quantile of Beta(nA, n - nA + 1), and 0 when nA = 0.
   (Cohen's code calls `proportion_confint(nA, n, alpha=2*alpha, method="beta")[0]`: the same number.)
 - `binomial_pvalue(c1, c2)`: the two-sided binomial test of c1 out of c1 + c2 at p = 1/2 (PREDICT).
 - `radius(sigma, pABar)`: sigma * Phi^-1(pABar), the certified L2 radius.
+- `clopper_pearson_lower` / `clopper_pearson_upper`: both one-sided Clopper-Pearson bounds, elementwise
+  on arrays (the lower one is the number `lower_confidence_bound` gives), for the many bounds a
+  sequential certification computes.
 """
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
+from scipy.special import betaincinv
 from scipy.stats import beta, binomtest, norm
 
 
@@ -39,3 +45,26 @@ def radius(sigma: float, pABar: float) -> float:
     if pABar >= 1.0:
         return math.inf
     return float(sigma * norm.ppf(pABar))
+
+
+_INTEGERS = (int, np.integer)
+
+
+def clopper_pearson_lower(nA, n, alpha):
+    """The alpha quantile of Beta(nA, n - nA + 1), 0 where nA = 0; arrays broadcast, scalars give a float."""
+    if isinstance(nA, _INTEGERS) and isinstance(n, _INTEGERS):  # the common case, without array overhead
+        nA, n = int(nA), int(n)
+        if not 0 <= nA <= n or n < 1:
+            raise ValueError(f"need 0 <= nA <= n and n >= 1, got nA={nA}, n={n}")
+        return float(betaincinv(nA, n - nA + 1, alpha)) if nA > 0 else 0.0
+    nA, n = np.asarray(nA), np.asarray(n)
+    if np.any(nA < 0) or np.any(nA > n) or np.any(n < 1):
+        raise ValueError(f"need 0 <= nA <= n and n >= 1, got nA={nA}, n={n}")
+    return np.where(nA > 0, betaincinv(np.maximum(nA, 1), n - nA + 1, alpha), 0.0)
+
+
+def clopper_pearson_upper(nA, n, alpha):
+    """The 1 - alpha quantile of Beta(nA + 1, n - nA), 1 where nA = n: P(pA <= bound) >= 1 - alpha."""
+    if isinstance(nA, _INTEGERS) and isinstance(n, _INTEGERS):
+        return 1.0 - clopper_pearson_lower(n - nA, n, alpha)
+    return 1.0 - clopper_pearson_lower(np.asarray(n) - np.asarray(nA), n, alpha)

@@ -1,0 +1,244 @@
+#!/usr/bin/env python
+"""Sequential against fixed-n CERTIFY: samples per image, certified accuracy at each radius, ACR.
+
+    python scripts/bench_sequential.py path/to/certify.tsv --sigma 0.25      # replay a Cohen-format TSV
+    python scripts/bench_sequential.py --synthetic 500 --sigma 0.25          # replay a generated one
+
+Replay: every row of a Cohen-format TSV (idx label predict radius correct [time] [samples], certified
+with --n and --alpha) gives its image's pA back: the pA whose expected count nA = pA * n yields the
+logged radius (a radius at or above the all-hit radius of (n, alpha) reads as pA = 1); an abstention
+is replayed at pA = 1/2. Each image then gets one path of Bernoulli(pA) votes, shared by all methods:
+fixed-n CERTIFY counts its first n votes, sequential CERTIFY (n_max = n) reads the same path look by
+look, once with stop=radii (--radii) and once with stop=radius (--max-radius-loss). The selection is
+the logged one: an image counts as correct when its row is correct and the method certifies it.
+
+`compare(outcomes, ...)` builds the table from per-image `Outcomes`; `replay_outcomes` makes them from
+a TSV, `model_outcomes` from a real classifier (a `Smooth` and its images, timed), for a `--model` mode.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+from scipy.stats import norm
+
+from peftsmooth.results import read_tsv
+from peftsmooth.sequential import DEFAULT_MAX_RADIUS_LOSS, FINAL_SHARE, UPPER_ALPHA, certify_sequential, look_plan
+from peftsmooth.stats import clopper_pearson_lower, radius
+
+BENCH_RADII = (0.25, 0.5, 0.75, 1.0)
+GRID = (0.0, 0.25, 0.5, 0.75, 1.0)  # radii of the certified-accuracy columns
+
+
+@dataclass
+class Outcomes:
+    """Per image: certified and correct, the radius (0 unless certified), forward passes spent."""
+
+    correct: np.ndarray
+    radius: np.ndarray
+    samples: np.ndarray
+    seconds: float | None = None
+
+
+# --- replay -----------------------------------------------------------------------------------------
+
+
+def recover_pa(rows: Sequence[dict], sigma: float, n: int, alpha: float) -> np.ndarray:
+    """The pA of each row's predicted class, read back from its radius (module docstring)."""
+    counts = np.arange(n + 1)
+    lowers = clopper_pearson_lower(counts, n, alpha)  # increasing in the count
+    pa = np.full(len(rows), 0.5)
+    for i, row in enumerate(rows):
+        if row["predict"] != -1:
+            target = norm.cdf(row["radius"] / sigma)
+            pa[i] = min(int(np.searchsorted(lowers, target)), n) / n
+    return pa
+
+
+def vote_paths(pa: np.ndarray, looks: Sequence[int], rng: np.random.Generator) -> np.ndarray:
+    """(images, looks) cumulative hits at the looks: one Bernoulli(pA) vote path per image."""
+    steps = np.diff((0, *looks))
+    return np.cumsum(rng.binomial(steps[None, :], pa[:, None]), axis=1)
+
+
+def replay_draw(looks: Sequence[int], cumulative: np.ndarray) -> Callable[[int], int]:
+    """draw(m) for `certify_sequential`: the hits among the next m votes of one path (m must end on a look)."""
+    at = dict(zip(looks, cumulative.tolist()))
+    at[0], drawn = 0, 0
+
+    def draw(m: int) -> int:
+        nonlocal drawn
+        hits = at[drawn + m] - at[drawn]
+        drawn += m
+        return hits
+
+    return draw
+
+
+def replay_outcomes(rows: Sequence[dict], sigma: float, n0: int, n: int, alpha: float, rules: dict,
+                    *, seed: int = 0, **plan_options) -> dict[str, Outcomes]:
+    """Fixed-n CERTIFY and every sequential rule on the same simulated votes of each row's image.
+    `plan_options` go to `look_plan` (final_share, upper_alpha, growth)."""
+    plans = {name: look_plan(n, alpha, stop=rule["stop"], **plan_options) for name, rule in rules.items()}
+    looks = sorted({look for plan in plans.values() for look in plan.looks})
+    paths = vote_paths(recover_pa(rows, sigma, n, alpha), looks, np.random.default_rng(seed))
+    labelled = np.array([bool(row["correct"]) for row in rows])
+    lower = clopper_pearson_lower(paths[:, -1], n, alpha)
+    fixed = np.array([radius(sigma, p) if p >= 0.5 else 0.0 for p in lower])
+    outcomes = {"cohen": Outcomes(labelled & (lower >= 0.5), fixed, np.full(len(rows), n0 + n))}
+    for name, rule in rules.items():
+        results = [certify_sequential(replay_draw(looks, path), n, alpha, sigma, plan=plans[name], **rule)
+                   for path in paths]
+        outcomes[name] = Outcomes(labelled & np.array([r.certified for r in results]),
+                                  np.array([r.radius for r in results]),
+                                  np.array([n0 + r.samples for r in results]))
+    return outcomes
+
+
+# --- on a real classifier ---------------------------------------------------------------------------
+
+
+def model_outcomes(certify: Callable, images: Sequence, labels: Sequence[int], seeds: Sequence[int]) -> Outcomes:
+    """Outcomes of `certify(x, seed) -> (prediction, radius, samples)` over the images, timed.
+
+    For fixed n: lambda x, s: (*g.certify(x, n0, n, alpha, batch, seed=s), n0 + n); sequential:
+    lambda x, s: g.certify_sequential(x, n0, n, alpha, batch, radii=..., seed=s).
+    """
+    start = time.perf_counter()
+    answers = [certify(x, seed) for x, seed in zip(images, seeds)]
+    seconds = time.perf_counter() - start
+    correct = np.array([prediction == label for (prediction, _, _), label in zip(answers, labels)])
+    return Outcomes(correct, np.array([r for _, r, _ in answers]), np.array([s for _, _, s in answers]), seconds)
+
+
+# --- the comparison ---------------------------------------------------------------------------------
+
+
+def summarize(out: Outcomes, grid: Sequence[float]) -> dict:
+    certified = {f"{r:g}": float(np.mean(out.correct & (out.radius >= r))) for r in grid}
+    summary = {"mean_samples": float(np.mean(out.samples)), "certified_accuracy": certified,
+               "acr": float(np.mean(np.where(out.correct, out.radius, 0.0)))}
+    if out.seconds is not None:
+        summary["seconds"] = out.seconds
+    return summary
+
+
+def compare(outcomes: dict[str, Outcomes], grid: Sequence[float] = GRID,
+            radii: Sequence[float] = BENCH_RADII) -> dict:
+    """Each method's summary, and against the first (fixed n): sample ratio, worst certified-accuracy
+    gap (points) at `radii`, relative ACR change."""
+    summaries = {name: summarize(out, grid) for name, out in outcomes.items()}
+    base = summaries[next(iter(outcomes))]
+    for name, summary in list(summaries.items())[1:]:
+        summary["fewer_samples"] = base["mean_samples"] / summary["mean_samples"]
+        summary["worst_gap_points"] = 100 * max(abs(summary["certified_accuracy"][f"{r:g}"]
+                                                    - base["certified_accuracy"][f"{r:g}"]) for r in radii)
+        summary["acr_change"] = summary["acr"] / base["acr"] - 1 if base["acr"] else 0.0
+        if "seconds" in summary and base.get("seconds"):
+            summary["less_time"] = base["seconds"] / summary["seconds"]
+    return summaries
+
+
+def format_table(summaries: dict, grid: Sequence[float] = GRID) -> str:
+    head = ["method", "samples/image", "fewer"] + [f"r={r:g}" for r in grid] + ["ACR", "ACR change", "worst gap"]
+    lines = ["\t".join(head)]
+    for name, s in summaries.items():
+        cells = [name, f"{s['mean_samples']:.0f}", f"{s.get('fewer_samples', 1.0):.1f}x"]
+        cells += [f"{100 * s['certified_accuracy'][f'{r:g}']:.1f}" for r in grid]
+        cells += [f"{s['acr']:.4f}", f"{100 * s.get('acr_change', 0.0):+.2f}%", f"{s.get('worst_gap_points', 0.0):.1f}"]
+        lines.append("\t".join(cells))
+    return "\n".join(lines)
+
+
+# --- a synthetic Cohen-format TSV -------------------------------------------------------------------
+
+
+def synthetic_pa(num: int, sigma: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(pA, correct) spread like Cohen et al.'s CIFAR-10 ResNet-110 at sigma = 0.25: ~9% abstain-like
+    (pA in [0.3, 0.5)), ~17% wrong (radius up to 0.5 * sigma / 0.25), of the rest ~20% with pA = 1 and
+    the others with a radius uniform up to the largest one (0.95 * sigma / 0.25)."""
+    kind = rng.choice(3, size=num, p=(0.09, 0.17, 0.74))
+    top = rng.uniform(0.0, 0.95, size=num) * sigma / 0.25
+    pa = norm.cdf(top / sigma)
+    pa = np.where(rng.uniform(size=num) < 0.2, 1.0, pa)
+    pa = np.where(kind == 1, norm.cdf(rng.uniform(0.0, 0.5, size=num) / 0.25), pa)
+    pa = np.where(kind == 0, rng.uniform(0.3, 0.5, size=num), pa)
+    return pa, kind == 2
+
+
+def synthetic_rows(num: int, sigma: float, n: int, alpha: float, seed: int = 0) -> list[dict]:
+    """Rows of a fixed-n CERTIFY (n, alpha) of `num` images with pA from `synthetic_pa`."""
+    rng = np.random.default_rng(seed)
+    pa, right = synthetic_pa(num, sigma, rng)
+    lower = clopper_pearson_lower(rng.binomial(n, pa), n, alpha)
+    rows = []
+    for idx, (p, ok) in enumerate(zip(lower, right)):
+        label = idx % 10
+        predict = -1 if p < 0.5 else (label if ok else (label + 1) % 10)
+        rows.append({"idx": idx, "label": label, "predict": predict, "correct": int(predict == label),
+                     "radius": radius(sigma, p) if p >= 0.5 else 0.0, "time": 0.0})
+    return rows
+
+
+def write_rows(path: Path, rows: Sequence[dict]) -> None:
+    columns = ("idx", "label", "predict", "radius", "correct", "time")
+    lines = ["\t".join(columns)] + ["\t".join(f"{row[c]:.6g}" if c == "radius" else str(row[c]) for c in columns)
+                                    for row in rows]
+    path.write_text("\n".join(lines) + "\n")
+
+
+# --- command line -----------------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("tsv", nargs="?", type=Path, help="a Cohen-format certify.tsv to replay")
+    parser.add_argument("--synthetic", type=int, metavar="NUM", help="replay NUM generated images instead")
+    parser.add_argument("--write-synthetic", type=Path, help="also write the generated TSV here")
+    parser.add_argument("--sigma", type=float, required=True)
+    parser.add_argument("--n", type=int, default=100_000, help="the TSV's n, and n_max of the sequential runs")
+    parser.add_argument("--n0", type=int, default=100)
+    parser.add_argument("--alpha", type=float, default=0.001)
+    parser.add_argument("--radii", type=float, nargs="+", default=list(BENCH_RADII))
+    parser.add_argument("--max-radius-loss", type=float, default=DEFAULT_MAX_RADIUS_LOSS)
+    parser.add_argument("--final-share", type=float, default=FINAL_SHARE, help="share of alpha at the last look")
+    parser.add_argument("--upper-alpha", type=float, default=UPPER_ALPHA, help="level of the stopping upper bounds")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, help="write the summaries here as JSON")
+    args = parser.parse_args(argv)
+    if (args.tsv is None) == (args.synthetic is None):
+        parser.error("give a TSV to replay or --synthetic NUM (one of them)")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    args = parse_args(argv)
+    if args.tsv is not None:
+        rows = read_tsv(args.tsv)
+    else:
+        rows = synthetic_rows(args.synthetic, args.sigma, args.n, args.alpha, args.seed)
+        if args.write_synthetic:
+            write_rows(args.write_synthetic, rows)
+    rules = {"sequential stop=radii": {"stop": "radii", "radii": args.radii},
+             "sequential stop=radius": {"stop": "radius", "max_radius_loss": args.max_radius_loss}}
+    outcomes = replay_outcomes(rows, args.sigma, args.n0, args.n, args.alpha, rules, seed=args.seed,
+                               final_share=args.final_share, upper_alpha=args.upper_alpha)
+    summaries = compare(outcomes, radii=args.radii)
+    print(f"replay of {len(rows)} images, sigma={args.sigma}, n=n_max={args.n}, n0={args.n0}, alpha={args.alpha}, "
+          f"radii={args.radii}, max_radius_loss={args.max_radius_loss}, final_share={args.final_share}, "
+          f"upper_alpha={args.upper_alpha}")
+    print(format_table(summaries))
+    if args.json:
+        args.json.write_text(json.dumps(summaries, indent=2) + "\n")
+    return summaries
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
