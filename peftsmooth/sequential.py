@@ -102,6 +102,8 @@ def look_plan(n_max: int, alpha: float, *, stop: str = "radii", growth: float | 
     _check_count("first", first)
     _check_alpha(alpha)
     _check_alpha(upper_alpha)
+    if stop not in GROWTH:
+        raise ValueError(f"stop={stop!r} is not allowed (choose from: {', '.join(STOP_RULES)})")
     growth = GROWTH[stop] if growth is None else growth
     if not (_is_number(growth) and growth > 1.0):
         raise ValueError(f"growth must be a number > 1, got {growth!r}")
@@ -283,7 +285,8 @@ def sequential_certificate(g, x, n0: int, n_max: int, alpha: float, batch_size: 
     `g.certify(x, n0, n_max, ...)`, and no batch size changes a decision. All arguments are checked
     before anything is sampled.
     """
-    from peftsmooth.smoothing import ESTIMATION, SELECTION, NoiseStream, _check_args, _fresh_seed  # imports us
+    # Imported here: smoothing imports this module for Smooth.certify_sequential.
+    from peftsmooth.smoothing import ESTIMATION, SELECTION, NoiseStream, _check_args, _fresh_seed
 
     _check_args(n0=n0, n=n_max, alpha=alpha, batch_size=batch_size)
     rule = stop_rule(stop, radii, max_radius_loss)
@@ -295,8 +298,8 @@ def sequential_certificate(g, x, n0: int, n_max: int, alpha: float, batch_size: 
         def draw(m: int) -> int:
             return int(g._count([(x, stream, m)], batch_size)[0][cAHat])
 
-        result = certify_sequential(draw, n_max, alpha, g.sigma, stop=rule.stop, radii=rule.radii or None,
-                                    max_radius_loss=rule.max_radius_loss)
+        result = certify_sequential(draw, n_max, alpha, g.sigma, stop=rule.stop, radii=radii,
+                                    max_radius_loss=max_radius_loss)
     prediction = cAHat if result.certified else -1
     return SequentialCertificate(prediction, result.radius, n0 + result.samples, cAHat, result)
 
