@@ -7,7 +7,7 @@
 
 A certification MODE is one entry of `MODES`: it turns (Smooth, one image, its seed, the settings) into
 the fields of the image's row (prediction, radius, samples). `cohen` (CERTIFY) and `predict` (PREDICT)
-are registered below; a new mode subclasses `Mode`, checks its own certify.* keys in `read_options`,
+and `sequential` (sequential CERTIFY) are registered below; a new mode subclasses `Mode`, checks its own certify.* keys in `read_options`,
 returns the row fields from `certify_one`, and registers itself with `@register("name")`.
 Every row carries `samples`: the forward passes spent on the image, selection samples included.
 """
@@ -25,8 +25,9 @@ import torch
 
 from peftsmooth import results
 from peftsmooth.distributed import rank_share
-from peftsmooth.errors import choice_error, require
+from peftsmooth.errors import UserError, choice_error, require
 from peftsmooth.runtime import PRECISIONS
+from peftsmooth.sequential import STOP_RULES, sequential_certificates, stop_rule
 from peftsmooth.smoothing import Smooth, image_seed, selection_group
 
 log = logging.getLogger(__name__)
@@ -124,10 +125,46 @@ class Predict(Mode):
         return g.predict(x, s.n, s.alpha, batch_size, seed=seed), 0.0, s.n
 
 
-# A sequential certifier registers the same way: read_options checks its keys (n_max, the stopping
-# rule and its parameters), identity names them, and certify_one returns the
-# (prediction, radius, samples) of Smooth.certify_sequential(x, s.n0, n_max, s.alpha, batch_size, ...,
-# seed=seed).
+@register("sequential")
+class Sequential(Mode):
+    """Sequential CERTIFY (peftsmooth.sequential): CERTIFY's selection (packed like `cohen`), then
+    estimation samples look by look up to certify.n_max, stopped as soon as the stopping rule
+    (certify.stop) is settled; a time-uniform lower bound keeps the certificate's failure probability
+    at alpha (validity rule 6)."""
+
+    def read_options(self, c) -> dict[str, Any]:
+        n_max = c.get("n_max")
+        require(_is_int(n_max, 1), f"certify.n_max={n_max} must be an integer >= 1")
+        require(c.get("n") == n_max, f"certify.n={c.get('n')} must equal certify.n_max={n_max} in sequential "
+                                     f"mode (set certify.n_max)")
+        stop = c.get("stop")
+        require(str(stop) in STOP_RULES, str(choice_error("certify.stop", stop, STOP_RULES)))
+        radii = c.get("radii")
+        if stop == "radii" and radii is None:
+            radii = [r for r in c.get("radius_grid") or [] if isinstance(r, (int, float)) and r > 0] or [0.0]
+        loss = c.get("max_radius_loss") if stop == "radius" else None
+        key = "radii" if stop == "radii" else "max_radius_loss"
+        try:
+            rule = stop_rule(str(stop), list(radii) if stop == "radii" else None, loss)
+        except ValueError as err:
+            raise UserError(f"certify.{key}={radii if stop == 'radii' else loss}: {err}") from None
+        return {"n_max": int(n_max), "stop": rule.stop, "radii": list(rule.radii) or None,
+                "max_radius_loss": rule.max_radius_loss}
+
+    def identity(self, s: Settings) -> dict[str, Any]:
+        keys = ("stop", "radii", "max_radius_loss")
+        return {**super().identity(s), **{k: s.options[k] for k in keys}}
+
+    def group_size(self, s: Settings, batch_size: int) -> int:
+        return selection_group(s.n0, batch_size, s.pack)
+
+    def certify_group(self, g: Smooth, images: Sequence[Image], s: Settings, batch_size: int) -> Iterator[Outcome]:
+        o = s.options
+        certificates = sequential_certificates(g, [im.x for im in images], [im.seed for im in images], s.n0,
+                                               o["n_max"], s.alpha, batch_size, pack=s.pack, stop=o["stop"],
+                                               radii=o["radii"], max_radius_loss=o["max_radius_loss"])
+        for cert in certificates:
+            yield Outcome(cert.prediction, cert.radius, cert.samples, cert.seconds)
 
 
 # --- settings, checked before anything runs -------------------------------------------------
@@ -158,6 +195,7 @@ class Settings:
     def from_config(cls, c) -> Settings:
         """certify.* as Settings, or a UserError naming the first bad key."""
         require(str(c.get("mode")) in MODES, str(choice_error("certify.mode", c.get("mode"), MODES)))
+        options = MODES[str(c.mode)].read_options(c)
         _check_numbers(c)
         if str(c.get("precision")) not in PRECISIONS:
             raise choice_error("certify.precision", c.get("precision"), PRECISIONS)
@@ -171,7 +209,7 @@ class Settings:
                    compile=bool(c.compile), compile_mode=str(c.get("compile_mode", "default")),
                    channels_last=bool(c.channels_last), merge_adapters=bool(c.merge_adapters),
                    pack=bool(c.get("pack", True)), radius_grid=[float(r) for r in grid],
-                   options=MODES[str(c.mode)].read_options(c))
+                   options=options)
 
     @property
     def engine_mode(self) -> Mode:

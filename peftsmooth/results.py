@@ -30,7 +30,8 @@ ABSTAIN = -1
 
 # Keys that give a TSV row its meaning: a run may only append to rows certified with the same values.
 # (The noise of image idx depends only on (seed, idx), so the image selection may grow on resume.)
-IDENTITY_KEYS = ("mode", "n0", "n", "alpha", "sigma", "seed", "precision", "dataset")
+IDENTITY_KEYS = ("mode", "n0", "n", "alpha", "sigma", "seed", "precision", "dataset",
+                 "stop", "radii", "max_radius_loss")  # the last three: certify=sequential's stopping rule
 # Shards being merged must also share the image selection they split.
 SELECTION_KEYS = ("skip", "start", "max")
 # What summarize computes from the rows; every other key of a summary.json is metadata.

@@ -61,13 +61,15 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
-from typing import Callable, Sequence
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 from scipy.special import ndtri
 from scipy.stats import norm
 
+from peftsmooth.smoothing import ESTIMATION, NoiseStream, Smooth, _check_args, _fresh_seed
 from peftsmooth.stats import clopper_pearson_lower, clopper_pearson_upper, radius
 
 FIRST_LOOK = 128  # estimation samples at the first look
@@ -272,39 +274,39 @@ class SequentialCertificate:
     samples: int  # n0 + estimation samples drawn
     cAHat: int
     result: SequentialResult
+    seconds: float = field(default=0.0, compare=False)  # wall time (its share of a packed selection pass included)
 
 
-def sequential_certificate(g, x, n0: int, n_max: int, alpha: float, batch_size: int, *,
-                           stop: str | None = None, radii: Sequence[float] | None = None,
-                           max_radius_loss: float | None = None, seed: int | None = None,
-                           precision: str | None = None) -> SequentialCertificate:
-    """Sequential CERTIFY of image x on the `Smooth` classifier g.
+def sequential_certificates(g: Smooth, xs: Iterable, seeds: Iterable[int], n0: int, n_max: int, alpha: float,
+                            batch_size: int, *, pack: bool = True, stop: str | None = None,
+                            radii: Sequence[float] | None = None, max_radius_loss: float | None = None,
+                            precision: str | None = None) -> Iterator[SequentialCertificate]:
+    """Sequential CERTIFY of each image on the `Smooth` classifier g, in order.
 
-    n0 selection samples (g's SELECTION stream) pick cAHat; the estimation samples come from g's
-    ESTIMATION stream of the same seed, in order, so running to n_max sees exactly the samples of
-    `g.certify(x, n0, n_max, ...)`, and no batch size changes a decision. All arguments are checked
-    before anything is sampled.
+    n0 selection samples (g's SELECTION stream; with `pack`, shared forward passes between images, the
+    same counts) pick cAHat; the estimation samples come from g's ESTIMATION stream of the same seed,
+    in order, so running to n_max sees exactly the samples of `g.certify(x, n0, n_max, ...)`, and no
+    batch size changes a decision. All arguments are checked before anything is sampled.
     """
-    # Imported here: smoothing imports this module for Smooth.certify_sequential.
-    from peftsmooth.smoothing import ESTIMATION, SELECTION, NoiseStream, _check_args, _fresh_seed
-
     _check_args(n0=n0, n=n_max, alpha=alpha, batch_size=batch_size)
     rule = stop_rule(stop, radii, max_radius_loss)
-    seed = _fresh_seed() if seed is None else int(seed)
+    plan = look_plan(n_max, alpha, stop=rule.stop)
     with g._precision(precision):
-        cAHat = int(g._sample_noise(x, n0, batch_size, seed, SELECTION).argmax())
-        stream = NoiseStream(seed, ESTIMATION, x.shape, g.sigma, g._device(x))
+        for x, seed, cAHat, share in g.select_many(xs, seeds, n0, batch_size, pack=pack):
+            start = time.perf_counter()
+            stream = NoiseStream(seed, ESTIMATION, x.shape, g.sigma, g._device(x))
 
-        def draw(m: int) -> int:
-            return int(g._count([(x, stream, m)], batch_size)[0][cAHat])
+            def draw(m: int) -> int:
+                return int(g._count([(x, stream, m)], batch_size)[0][cAHat])
 
-        result = certify_sequential(draw, n_max, alpha, g.sigma, stop=rule.stop, radii=radii,
-                                    max_radius_loss=max_radius_loss)
-    prediction = cAHat if result.certified else -1
-    return SequentialCertificate(prediction, result.radius, n0 + result.samples, cAHat, result)
+            result = certify_sequential(draw, n_max, alpha, g.sigma, stop=rule.stop, radii=rule.radii or None,
+                                        max_radius_loss=rule.max_radius_loss, plan=plan)
+            prediction = cAHat if result.certified else Smooth.ABSTAIN
+            yield SequentialCertificate(prediction, result.radius, n0 + result.samples, cAHat, result,
+                                        share + time.perf_counter() - start)
 
 
-def smooth_certify_sequential(g, x, n0: int, n_max: int, alpha: float, batch_size: int, *,
+def smooth_certify_sequential(g: Smooth, x, n0: int, n_max: int, alpha: float, batch_size: int, *,
                               radii: Sequence[float] | None = None, max_radius_loss: float | None = None,
                               seed: int | None = None, stop: str | None = None,
                               precision: str | None = None) -> tuple[int, float, int]:
@@ -316,6 +318,13 @@ def smooth_certify_sequential(g, x, n0: int, n_max: int, alpha: float, batch_siz
     cert = sequential_certificate(g, x, n0, n_max, alpha, batch_size, stop=stop, radii=radii,
                                   max_radius_loss=max_radius_loss, seed=seed, precision=precision)
     return cert.prediction, cert.radius, cert.samples
+
+
+def sequential_certificate(g: Smooth, x, n0: int, n_max: int, alpha: float, batch_size: int, *,
+                           seed: int | None = None, **rule) -> SequentialCertificate:
+    """Sequential CERTIFY of one image x (the details of `sequential_certificates`)."""
+    seed = _fresh_seed() if seed is None else int(seed)
+    return next(sequential_certificates(g, [x], [seed], n0, n_max, alpha, batch_size, pack=False, **rule))
 
 
 # --- argument checks ------------------------------------------------------------------------------

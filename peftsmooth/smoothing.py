@@ -173,21 +173,48 @@ class Smooth:
         the n0 selection samples of up to batch_size // n0 images share one forward pass.
         """
         _check_args(n0=n0, n=n, alpha=alpha, batch_size=batch_size)
+        with self._precision(precision):
+            for x, seed, cAHat, share in self.select_many(xs, seeds, n0, batch_size, pack=pack):
+                start = time.perf_counter()
+                nA = int(self._sample_noise(x, n, batch_size, seed, ESTIMATION)[cAHat])
+                pABar = lower_confidence_bound(nA, n, alpha)
+                prediction, r = (cAHat, radius(self.sigma, pABar)) if pABar >= 0.5 else (Smooth.ABSTAIN, 0.0)
+                yield Certificate(prediction, r, cAHat, nA, pABar, share + time.perf_counter() - start)
+
+    def certify_sequential(self, x: torch.Tensor, n0: int, n_max: int, alpha: float, batch_size: int, *,
+                           radii: Sequence[float] | None = None, max_radius_loss: float | None = None,
+                           seed: int | None = None, stop: str | None = None,
+                           precision: str | None = None) -> tuple[int, float, int]:
+        """Sequential CERTIFY (`peftsmooth.sequential`): CERTIFY's guarantee, sampling stopped as soon as
+        the answer asked for is known. With probability at least 1 - alpha over the noise, when the
+        returned class is not ABSTAIN, g predicts it everywhere in the L2 ball of the returned radius.
+
+        :param n0: selection samples (their own noise stream; never counted in the estimate)
+        :param n_max: the most estimation samples
+        :param radii: stop once certification at each of these radii is decided (stop="radii", the
+            default unless max_radius_loss is given)
+        :param max_radius_loss: stop once the radius can grow by at most this much up to n_max (stop="radius")
+        :return: (predicted class or ABSTAIN, certified radius, forward passes spent including n0)
+        """
+        from peftsmooth.sequential import smooth_certify_sequential
+
+        return smooth_certify_sequential(self, x, n0, n_max, alpha, batch_size, radii=radii,
+                                         max_radius_loss=max_radius_loss, seed=seed, stop=stop, precision=precision)
+
+    def select_many(self, xs: Iterable[torch.Tensor], seeds: Iterable[int], n0: int, batch_size: int, *,
+                    pack: bool = True) -> Iterator[tuple[torch.Tensor, int, int, float]]:
+        """CERTIFY's selection step for a sequence of images: (x, seed, cAHat, seconds) per image, in
+        order; with `pack` the n0 selection samples of up to batch_size // n0 images share one forward
+        pass (the same counts as image by image). Runs under the caller's precision."""
         group = selection_group(n0, batch_size, pack)
         pairs = zip(xs, seeds)
-        with self._precision(precision):
-            while chunk := [pair for _, pair in zip(range(group), pairs)]:
-                start = time.perf_counter()
-                selection = self._count([(x, NoiseStream(s, SELECTION, x.shape, self.sigma, self._device(x)), n0)
-                                         for x, s in chunk], batch_size)
-                share = (time.perf_counter() - start) / len(chunk)
-                for (x, seed), counts_selection in zip(chunk, selection):
-                    start = time.perf_counter()
-                    cAHat = int(counts_selection.argmax())
-                    nA = int(self._sample_noise(x, n, batch_size, seed, ESTIMATION)[cAHat])
-                    pABar = lower_confidence_bound(nA, n, alpha)
-                    prediction, r = (cAHat, radius(self.sigma, pABar)) if pABar >= 0.5 else (Smooth.ABSTAIN, 0.0)
-                    yield Certificate(prediction, r, cAHat, nA, pABar, share + time.perf_counter() - start)
+        while chunk := [pair for _, pair in zip(range(group), pairs)]:
+            start = time.perf_counter()
+            selection = self._count([(x, NoiseStream(s, SELECTION, x.shape, self.sigma, self._device(x)), n0)
+                                     for x, s in chunk], batch_size)
+            share = (time.perf_counter() - start) / len(chunk)
+            for (x, seed), counts_selection in zip(chunk, selection):
+                yield x, seed, int(counts_selection.argmax()), share
 
     # --- compilation --------------------------------------------------------------------------
 

@@ -110,7 +110,7 @@ def test_a_registered_mode_runs_with_its_own_checked_options(smooth, dataset, mo
         def certify_one(self, g, x, seed, s, batch_size):
             return 1, 0.5, s.options["budget"] + seed % 2
 
-    assert set(engine.MODES) == {"cohen", "predict", "toy"}
+    assert set(engine.MODES) == {"cohen", "predict", "sequential", "toy"}
     with pytest.raises(UserError, match="certify.budget"):
         settings(mode="toy", budget=0)
     s = settings(mode="toy", budget=7)
@@ -129,3 +129,19 @@ def test_settings_checks_and_batch_size():
     assert settings(batch_size=48).batch_for(torch.device("cpu")) == 48
     assert engine.MODES["cohen"].identity(settings()) == {"n0": 8, "n": 40}
     assert engine.MODES["predict"].identity(settings("predict")) == {"n0": None, "n": 40}
+
+
+def test_sequential_rows_match_image_by_image_certify_sequential(smooth, dataset):
+    from peftsmooth.sequential import sequential_certificate
+
+    s = settings("sequential", n_max=500, n=500, batch_size=32, radius_grid=[0.0, 0.25, 0.5])
+    assert s.options == {"n_max": 500, "stop": "radii", "radii": [0.25, 0.5], "max_radius_loss": None}
+    assert s.engine_mode.identity(s) == {"n0": 8, "n": 500, "stop": "radii", "radii": [0.25, 0.5],
+                                         "max_radius_loss": None}
+    rows = list(certify_rows(smooth, dataset, [0, 3, 4, 7, 11], s, 0, 32))  # packed selection: 4 images a pass
+    for r in rows:
+        cert = sequential_certificate(smooth, dataset[r["idx"]][0], 8, 500, 0.01, 32, radii=[0.25, 0.5],
+                                      seed=image_seed(0, r["idx"]))
+        assert (r["predict"], r["radius"], r["samples"]) == (cert.prediction, cert.radius, cert.samples)
+    assert smooth.certify_sequential(dataset[0][0], 8, 500, 0.01, 32, radii=[0.25, 0.5], seed=image_seed(0, 0)) == \
+        (rows[0]["predict"], rows[0]["radius"], rows[0]["samples"])

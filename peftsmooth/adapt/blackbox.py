@@ -17,31 +17,25 @@ Both count classifier queries (images sent to the classifier during training) an
 
 from __future__ import annotations
 
-import types
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
+from peftsmooth.adapt.base import Adaptation, ZerothOrderAdaptation
 from peftsmooth.coordinator import Coordinator
 from peftsmooth.errors import UserError, require
+from peftsmooth.runtime import freeze, pin_eval
 from peftsmooth.spsa import SPSA, SPSAConfig
 
 WEIGHTS_FILE = "coordinator.safetensors"
 
 
-def _always_eval(self: nn.Module, mode: bool = True) -> nn.Module:
-    return nn.Module.train(self, False)
-
-
 def seal(classifier: nn.Module) -> nn.Module:
-    """Freeze every weight of the classifier and pin its backbone to eval mode (a sealed API)."""
-    for p in classifier.parameters():
-        p.requires_grad_(False)
-    backbone = getattr(classifier, "backbone", classifier)
-    for module in backbone.modules():   # model.train() elsewhere must not update batch-norm statistics
-        module.train = types.MethodType(_always_eval, module)
-        nn.Module.train(module, False)
+    """Freeze every weight of the classifier and pin its backbone to eval mode (a sealed API):
+    model.train() elsewhere must not update its batch-norm statistics."""
+    freeze(classifier)
+    pin_eval(getattr(classifier, "backbone", classifier))
     return classifier
 
 
@@ -96,7 +90,7 @@ def _device(module: nn.Module) -> torch.device:
     return next(iter(module.parameters()), torch.zeros(0)).device
 
 
-class _CoordinatorAdaptation:
+class _CoordinatorAdaptation(Adaptation):
     """Shared part: build/install/save/load the coordinator in front of a sealed classifier."""
 
     name = "coordinator"
@@ -170,7 +164,7 @@ class WhiteBoxCoordinator(_CoordinatorAdaptation):
         return classifier
 
 
-class BlackBoxSPSA(_CoordinatorAdaptation):
+class BlackBoxSPSA(_CoordinatorAdaptation, ZerothOrderAdaptation):
     """`peft=blackbox`: the coordinator trained by SPSA-GC from classifier probabilities only."""
 
     name = "blackbox"
