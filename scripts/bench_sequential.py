@@ -3,6 +3,15 @@
 
     python scripts/bench_sequential.py path/to/certify.tsv --sigma 0.25      # replay a Cohen-format TSV
     python scripts/bench_sequential.py --synthetic 500 --sigma 0.25          # replay a generated one
+    python scripts/bench_sequential.py --run RUN_DIR --sigma 0.25 --n 100000 --out DIR -- certify.max=50
+                                     # certify a trained run: cohen n=N, sequential n_max=N (both rules)
+
+Model mode (--run): `peftsmooth certify` itself certifies the same images of a trained run three times
+(certify=cohen certify.n=N; certify=sequential certify.n_max=N with stop=radii and with stop=radius),
+each into its own directory under --out (so an interrupted benchmark resumes), and the table is built
+from the three certify.tsv files: samples and wall time per image from their `samples` and `time`
+columns. Arguments after `--` go to every certify command (e.g. certify.max=, certify.skip=,
+certify.batch_size=, certify.precision=).
 
 Replay: every row of a Cohen-format TSV (idx label predict radius correct [time] [samples], certified
 with --n and --alpha) gives its image's pA back: the pA whose expected count nA = pA * n yields the
@@ -13,13 +22,14 @@ look, once with stop=radii (--radii) and once with stop=radius (--max-radius-los
 the logged one: an image counts as correct when its row is correct and the method certifies it.
 
 `compare(outcomes, ...)` builds the table from per-image `Outcomes`; `replay_outcomes` makes them from
-a TSV, `model_outcomes` from a real classifier (a `Smooth` and its images, timed), for a `--model` mode.
+a TSV, `certified_outcomes` from certify directories, `model_outcomes` from a `Smooth` called directly.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -118,6 +128,41 @@ def model_outcomes(certify: Callable, images: Sequence, labels: Sequence[int], s
     return Outcomes(correct, np.array([r for _, r, _ in answers]), np.array([s for _, _, s in answers]), seconds)
 
 
+def certified_outcomes(out: Path) -> Outcomes:
+    """Outcomes of a certify directory: its rows, with the samples and time columns they carry."""
+    rows = read_tsv(Path(out) / "certify.tsv")
+    return Outcomes(np.array([bool(r["correct"]) and r["predict"] != -1 for r in rows]),
+                    np.array([float(r["radius"]) for r in rows]), np.array([int(r["samples"]) for r in rows]),
+                    float(sum(float(r["time"]) for r in rows)))
+
+
+def certify_commands(run: Path, sigma: float, n: int, n0: int, alpha: float, radii: Sequence[float],
+                     max_radius_loss: float, out: Path, extra: Sequence[str]) -> dict[str, list[str]]:
+    """The three `peftsmooth certify` command lines of the model mode, by method name."""
+    common = [sys.executable, "-m", "peftsmooth", "certify", f"run={run}", f"sigma={sigma}", f"certify.n0={n0}",
+              f"certify.alpha={alpha}", *extra]
+    radii_list = "[" + ",".join(f"{r:g}" for r in radii) + "]"
+    return {
+        f"cohen n={n}": [*common, "certify=cohen", f"certify.n={n}", f"hydra.run.dir={out}/cohen"],
+        "sequential stop=radii": [*common, "certify=sequential", f"certify.n_max={n}", "certify.stop=radii",
+                                  f"certify.radii={radii_list}", f"hydra.run.dir={out}/sequential_radii"],
+        "sequential stop=radius": [*common, "certify=sequential", f"certify.n_max={n}", "certify.stop=radius",
+                                   f"certify.max_radius_loss={max_radius_loss}", f"hydra.run.dir={out}/sequential_radius"],
+    }
+
+
+def run_outcomes(args: argparse.Namespace) -> dict[str, Outcomes]:
+    """Model mode: certify the run three ways (resuming what is done), then read the rows back."""
+    commands = certify_commands(args.run, args.sigma, args.n, args.n0, args.alpha, args.radii, args.max_radius_loss,
+                                args.out, args.certify_args)
+    outcomes = {}
+    for name, command in commands.items():
+        print(" ".join(command[2:]), file=sys.stderr)
+        subprocess.run(command, check=True)
+        outcomes[name] = certified_outcomes(Path(command[-1].split("=", 1)[1]))
+    return outcomes
+
+
 # --- the comparison ---------------------------------------------------------------------------------
 
 
@@ -126,7 +171,7 @@ def summarize(out: Outcomes, grid: Sequence[float]) -> dict:
     summary = {"mean_samples": float(np.mean(out.samples)), "certified_accuracy": certified,
                "acr": float(np.mean(np.where(out.correct, out.radius, 0.0)))}
     if out.seconds is not None:
-        summary["seconds"] = out.seconds
+        summary["seconds"], summary["seconds_per_image"] = out.seconds, out.seconds / len(out.correct)
     return summary
 
 
@@ -147,10 +192,15 @@ def compare(outcomes: dict[str, Outcomes], grid: Sequence[float] = GRID,
 
 
 def format_table(summaries: dict, grid: Sequence[float] = GRID) -> str:
-    head = ["method", "samples/image", "fewer"] + [f"r={r:g}" for r in grid] + ["ACR", "ACR change", "worst gap"]
+    timed = all("seconds" in s for s in summaries.values())
+    head = ["method", "samples/image", "fewer"] + (["s/image", "less time"] if timed else [])
+    head += [f"r={r:g}" for r in grid] + ["ACR", "ACR change", "worst gap"]
     lines = ["\t".join(head)]
     for name, s in summaries.items():
         cells = [name, f"{s['mean_samples']:.0f}", f"{s.get('fewer_samples', 1.0):.1f}x"]
+        if timed:
+            cells += [f"{s['seconds_per_image']:.2f}",
+                      f"{s.get('less_time', 1.0):.1f}x"]
         cells += [f"{100 * s['certified_accuracy'][f'{r:g}']:.1f}" for r in grid]
         cells += [f"{s['acr']:.4f}", f"{100 * s.get('acr_change', 0.0):+.2f}%", f"{s.get('worst_gap_points', 0.0):.1f}"]
         lines.append("\t".join(cells))
@@ -212,14 +262,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--upper-alpha", type=float, default=UPPER_ALPHA, help="level of the stopping upper bounds")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="write the summaries here as JSON")
-    args = parser.parse_args(argv)
-    if (args.tsv is None) == (args.synthetic is None):
-        parser.error("give a TSV to replay or --synthetic NUM (one of them)")
+    parser.add_argument("--run", type=Path, help="model mode: certify this trained run (see above)")
+    parser.add_argument("--out", type=Path, default=Path("outputs/bench_sequential"),
+                        help="model mode: where the three certify directories go")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    split = argv.index("--") if "--" in argv else len(argv)
+    args = parser.parse_args(argv[:split])
+    args.certify_args = argv[split + 1:]
+    if sum(x is not None for x in (args.tsv, args.synthetic, args.run)) != 1:
+        parser.error("give one of: a TSV to replay, --synthetic NUM, --run RUN_DIR")
     return args
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
-    args = parse_args(argv)
+def replay(args: argparse.Namespace) -> tuple[dict[str, Outcomes], str]:
+    """Replay mode: the outcomes of a logged or generated TSV, and the table's title."""
     if args.tsv is not None:
         rows = read_tsv(args.tsv)
     else:
@@ -230,10 +286,19 @@ def main(argv: Sequence[str] | None = None) -> dict:
              "sequential stop=radius": {"stop": "radius", "max_radius_loss": args.max_radius_loss}}
     outcomes = replay_outcomes(rows, args.sigma, args.n0, args.n, args.alpha, rules, seed=args.seed,
                                final_share=args.final_share, upper_alpha=args.upper_alpha)
+    return outcomes, (f"replay of {len(rows)} images, final_share={args.final_share}, "
+                      f"upper_alpha={args.upper_alpha}")
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    args = parse_args(argv)
+    if args.run is not None:
+        outcomes, title = run_outcomes(args), f"{args.run}, certify {' '.join(args.certify_args)}"
+    else:
+        outcomes, title = replay(args)
     summaries = compare(outcomes, radii=args.radii)
-    print(f"replay of {len(rows)} images, sigma={args.sigma}, n=n_max={args.n}, n0={args.n0}, alpha={args.alpha}, "
-          f"radii={args.radii}, max_radius_loss={args.max_radius_loss}, final_share={args.final_share}, "
-          f"upper_alpha={args.upper_alpha}")
+    print(f"{title}: sigma={args.sigma}, n=n_max={args.n}, n0={args.n0}, alpha={args.alpha}, radii={args.radii}, "
+          f"max_radius_loss={args.max_radius_loss}")
     print(format_table(summaries))
     if args.json:
         args.json.write_text(json.dumps(summaries, indent=2) + "\n")

@@ -83,3 +83,19 @@ def test_bad_sequential_input_is_a_user_error_before_sampling(run_dir, tmp_path,
         run_certify(compose("certify", overrides, run_dir=tmp_path / "out"))
     assert not (tmp_path / "out" / "certify.tsv").exists()
 
+
+
+def test_the_benchmark_reads_samples_and_time_from_certify_dirs(run_dir, reference):
+    from test_sequential import load_bench
+
+    bench = load_bench()
+    out, summary = reference
+    outcomes = bench.certified_outcomes(out)
+    assert outcomes.samples.tolist() == samples_column(out / "certify.tsv") and outcomes.seconds > 0
+    table = bench.compare({"cohen": outcomes, "again": outcomes}, grid=(0.0, 0.25), radii=(0.25,))
+    assert table["again"]["fewer_samples"] == 1.0 and table["again"]["less_time"] == 1.0
+    assert table["cohen"]["acr"] == pytest.approx(summary["acr"])
+    commands = bench.certify_commands(run_dir, 0.25, 1000, 8, 0.01, (0.25, 0.5), 0.04, out, ["certify.max=2"])
+    assert [c[-1] for c in commands.values()] == [f"hydra.run.dir={out}/{name}" for name in
+                                                  ("cohen", "sequential_radii", "sequential_radius")]
+    assert "certify.radii=[0.25,0.5]" in commands["sequential stop=radii"]
