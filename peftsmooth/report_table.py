@@ -17,7 +17,6 @@ renders them (Markdown, CSV, rich, plot).
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ from typing import Sequence
 from peftsmooth import results
 from peftsmooth.errors import UserError
 from peftsmooth.report_scan import Certification, find_certifications
-from peftsmooth.runs import RUN_FILE, read_json
+from peftsmooth.runs import read_run_info
 
 DEFAULT_RADII = (0.25, 0.5, 0.75, 1.0)
 
@@ -63,8 +62,8 @@ def run_info(run: Path | None, cache: dict) -> dict:
         return {}
     if run not in cache:
         try:
-            cache[run] = read_json(run / RUN_FILE)
-        except (OSError, json.JSONDecodeError):
+            cache[run] = read_run_info(run)
+        except (OSError, UserError):
             cache[run] = {}
     return cache[run]
 

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 from conftest import compose
-from test_certify import make_run, rows_without_time
+from test_certify import rows_without_time, run_dir  # noqa: F401 (run_dir: the tiny run fixture)
 
 from peftsmooth.commands.certify import run_certify
 from peftsmooth.commands.merge import run_merge
@@ -12,11 +12,6 @@ from peftsmooth.errors import UserError
 
 SEQ = ["device=cpu", "certify=sequential", "certify.n0=8", "certify.n_max=600", "certify.alpha=0.01",
        "certify.batch_size=64", "certify.skip=50", "certify.max=6", "certify.radius_grid=[0.0,0.1,0.25,0.5]"]
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    return make_run(tmp_path_factory.mktemp("train") / "run")
 
 
 @pytest.fixture(scope="module")

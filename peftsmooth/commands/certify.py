@@ -30,7 +30,7 @@ from peftsmooth.classifier import certify_sigma, check_num_classes, load_classif
 from peftsmooth.config import _remove_if_unstarted, hydra_app, output_dir
 from peftsmooth.distributed import DistInfo, barrier, broadcast_object, init_distributed, shutdown
 from peftsmooth.engine import Settings, certify_into, certify_rows, resume_rows, select_indices
-from peftsmooth.errors import require
+from peftsmooth.errors import UserError, require
 from peftsmooth.smoothing import Smooth
 
 log = logging.getLogger(__name__)
@@ -136,11 +136,11 @@ def certify_dir(resume, run, mode, sigma, n, model, dataset, stamp, shard, num_s
 
 
 def _run_sigma(run_dir: Path):
-    from peftsmooth.runs import read_json
+    from peftsmooth.runs import read_run_info
 
     try:
-        return read_json(run_dir / "run.json").get("sigma")
-    except (OSError, ValueError):
+        return read_run_info(run_dir).sigma
+    except (OSError, UserError):  # load_run reports it, once the command runs
         return None
 
 
