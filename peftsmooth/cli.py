@@ -22,11 +22,15 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "denoise-baseline": ("peftsmooth.commands.denoise_baseline", "denoised smoothing: a denoiser in front of a frozen classifier"),
     "report": ("peftsmooth.commands.report", "gather runs into one comparison table and plot"),
     "merge": ("peftsmooth.commands.merge", "merge certify shards into one certify.tsv and summary.json"),
+    "import": ("peftsmooth.commands.import_logs", "Cohen-format logs of other tools as certifications report lists"),
     "demo": ("peftsmooth.commands.demo", "embedded end-to-end demo on scikit-learn digits (CPU, no download)"),
 }
 
 # Commands whose bare (non key=value) arguments are collected into a list-valued key.
-POSITIONAL_KEY = {"report": "dirs", "merge": "dirs"}
+POSITIONAL_KEY = {"report": "dirs", "merge": "dirs", "import": "files"}
+# Keys a command takes under the name of a config group it does not use (Hydra would read `model=`
+# as a choice of conf/model/): `peftsmooth import model=resnet110` -> `model_name=resnet110`.
+KEY_ALIASES = {"import": {"model": "model_name", "dataset": "dataset_name"}}
 
 
 def usage() -> str:
@@ -41,6 +45,16 @@ def usage() -> str:
     lines += [f"  {name:<{width}}  {desc}" for name, (_, desc) in COMMANDS.items()]
     lines += ["", "`peftsmooth COMMAND --help` shows the command's config groups and options."]
     return "\n".join(lines)
+
+
+def _rewrite_aliases(command: str, args: list[str]) -> list[str]:
+    """`model=X` -> `model_name=X` for the commands of KEY_ALIASES (options and other keys unchanged)."""
+    aliases = KEY_ALIASES.get(command, {})
+    out = []
+    for arg in args:
+        key, eq, value = arg.partition("=")
+        out.append(f"{aliases[key]}={value}" if eq and key in aliases else arg)
+    return out
 
 
 def _rewrite_positionals(command: str, args: list[str]) -> list[str]:
@@ -79,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
         die("", f"unknown command {command!r} (choose from: {', '.join(COMMANDS)})")
-    rest = _rewrite_positionals(command, rest)
+    rest = _rewrite_aliases(command, _rewrite_positionals(command, rest))
     from peftsmooth.config import validate_cli_args
 
     try:

@@ -25,7 +25,9 @@ def choice_error(key: str, value: object, allowed: Iterable[object]) -> UserErro
 
 
 def die(command: str, message: str) -> NoReturn:
-    """Print `peftsmooth COMMAND: error: MESSAGE` as one line on stderr and exit 2."""
+    """Print `peftsmooth COMMAND: error: MESSAGE` (`peftsmooth: error: ...` without a command) as one
+    line on stderr and exit 2."""
     line = " ".join(str(message).split())
-    print(f"peftsmooth {command}: error: {line}", file=sys.stderr)
+    prefix = f"peftsmooth {command}" if command else "peftsmooth"
+    print(f"{prefix}: error: {line}", file=sys.stderr)
     sys.exit(EXIT_USAGE)

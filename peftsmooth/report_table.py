@@ -10,6 +10,8 @@ summary.json with; summary.json gives only the metadata (method, model, sigma, n
   check as `peftsmooth merge`, and summarized as one certification; missing shards are marked.
 - Runs without any certification are listed too (`not certified`), and a run whose training did
   not finish is marked.
+- Logs of other tools brought in by `peftsmooth import` are certifications like any other, marked
+  `imported` (their summary.json names the source files).
 
 `build_report(dirs, radius_grid)` returns the table rows and the certifications; `peftsmooth.report`
 renders them (Markdown, CSV, rich, plot).
@@ -125,6 +127,8 @@ def status(cert: Certification | None, info: dict) -> str:
         parts.append("training unfinished")
     if cert is None:
         parts.append("not certified")
+    elif (cert.summary or {}).get(results.IMPORTED_FROM):
+        parts.append("imported")
     elif cert.num_shards > 1:
         done = len(cert.shards)
         if cert.complete:
@@ -149,9 +153,10 @@ def method_label(meta: dict, info: dict) -> str:
 
 
 def curve_label(cert: Certification, info: dict) -> tuple[str, float | None]:
-    """"method (model)" and the sigma of a certification, for the plot's legend."""
+    """"method (model)" (just "method" when the model is unknown) and the sigma of a certification,
+    for the plot's legend."""
     row = describe(results.summary_metadata(cert.summary), info)
-    return f"{row['method']} ({row['model']})", row["sigma"]
+    return (f"{row['method']} ({row['model']})" if row["model"] else str(row["method"])), row["sigma"]
 
 
 def _model_label(info: dict) -> str | None:

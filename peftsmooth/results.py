@@ -27,6 +27,7 @@ SUMMARY_FILE = "summary.json"
 CURVE_CSV = "curve.csv"
 CURVE_PNG = "curve.png"
 ABSTAIN = -1
+IMPORTED_FROM = "imported_from"  # summary.json key of a log brought in by `peftsmooth import`: its source files
 
 # Keys that give a TSV row its meaning: a run may only append to rows certified with the same values.
 # (The noise of image idx depends only on (seed, idx), so the image selection may grow on resume.)
@@ -301,8 +302,9 @@ def merge_shards(shard_dirs: Sequence[Path]) -> tuple[list[dict], dict]:
 def write_merged(out_dir: str | Path, shard_dirs: Sequence[Path], radius_grid: Sequence[float] | None = None) -> dict:
     """certify.tsv, summary.json and the curve of the merged shards, in out_dir."""
     shards = [load_certification(d) for d in shard_dirs]
-    rows, meta = merge_certifications(shards)
+    rows, meta = merge_certifications(shards)  # every shard read and checked before anything is written
     if radius_grid is None:
         radius_grid = (shards[0].summary or {}).get("radius_grid") or [0.0]
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
     write_tsv(Path(out_dir) / TSV_FILE, rows)
     return write_results(out_dir, rows, radius_grid, **meta)

@@ -1,10 +1,13 @@
-"""Cohen's certify.tsv: the one writer and the one parser of the project (certify resume, merge, report).
+"""Cohen's certify.tsv: the one writer and the one parser of the project (certify resume, merge, report,
+import).
 
 The columns are Cohen's six, `idx label predict radius correct time`, then `samples` (forward passes
 spent on the image, selection samples included), so Cohen's own analysis (`pandas.read_csv(sep="\\t")`,
 columns read by name) still reads the file. Rows are appended and fsync'd one image at a time, so a
 killed run loses at most the row it was writing; the parser drops that torn last line and refuses any
-other malformed line with a UserError naming the file and the line.
+other malformed line with a UserError naming the file and the line. `correct` is checked against
+`predict == label` on every row: a log whose `correct` column means something else (e.g. a running
+total) would otherwise give wrong certified accuracies.
 """
 
 from __future__ import annotations
@@ -91,11 +94,15 @@ class TsvWriter:
         self.close()
 
 
-def write_tsv(path: str | Path, rows: Sequence[dict]) -> None:
-    """A whole TSV at once (merged shards), atomically."""
+def tsv_text(rows: Sequence[dict]) -> str:
+    """The whole file of `rows`: header and one line per row."""
     columns = _columns_for(rows)
-    lines = ["\t".join(columns) + "\n"] + [_row_line(r, SAMPLES in columns) for r in rows]
-    atomic_write_text(path, "".join(lines))
+    return "".join(["\t".join(columns) + "\n"] + [_row_line(r, SAMPLES in columns) for r in rows])
+
+
+def write_tsv(path: str | Path, rows: Sequence[dict]) -> None:
+    """A whole TSV at once (merged shards, imported logs), atomically."""
+    atomic_write_text(path, tsv_text(rows))
 
 
 def _drop_torn_tail(path: Path) -> None:
@@ -108,7 +115,7 @@ def _drop_torn_tail(path: Path) -> None:
             fh.truncate(data.rfind(b"\n") + 1)
 
 
-# --- the TSV: reading (the one parser: certify resume, merge, report) -----------------------
+# --- the TSV: reading (the one parser: certify resume, merge, report, import) ---------------
 
 _TIMEDELTA = re.compile(r"(?:(\d+) days?, )?(\d+):([0-5]\d):([0-5]\d(?:\.\d*)?)")
 
@@ -157,13 +164,17 @@ _PARSERS = {"idx": (_count, "an image index >= 0"), "label": (int, "an integer c
             SAMPLES: (_count, "a sample count >= 0")}
 
 
-def _complete_lines(path: Path) -> list[str]:
-    """The lines of `path` that end with a newline: a last line without one was torn by a kill."""
+def _complete_lines(path: Path, foreign: bool = False) -> list[str]:
+    """The lines of `path` that end with a newline: a last line without one was torn by a kill.
+    A `foreign` file (another tool's log) keeps such a line: it is parsed like the others."""
     try:
         text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as err:
         raise UserError(f"{path}: not a certify.tsv (not UTF-8 text at byte {err.start})") from None
-    return [line.removesuffix("\r") for line in text.split("\n")[:-1]]
+    lines = text.split("\n")
+    if not foreign or lines[-1] == "":
+        lines = lines[:-1]
+    return [line.removesuffix("\r") for line in lines]
 
 
 def _parse_header(line: str, path: Path) -> tuple[str, ...]:
@@ -187,16 +198,20 @@ def _parse_row(line: str, columns: tuple[str, ...], where: str) -> dict:
             row[name] = parse(text)
         except ValueError:
             raise UserError(f"{where}: {name}={text!r} is not {expected}") from None
+    if row["correct"] != int(row["predict"] == row["label"]):
+        raise UserError(f"{where}: correct={row['correct']} but predict={row['predict']}, label={row['label']}; "
+                        f"correct must be 1 exactly when predict == label (this column means something else here)")
     return row
 
 
-def read_tsv(path: str | Path) -> list[dict]:
+def read_tsv(path: str | Path, *, foreign: bool = False) -> list[dict]:
     """Rows of a certify.tsv as dicts (idx, label, predict, radius, correct, time in seconds, and
     samples when the file has that column; other extra columns are read past). A missing file has no
-    rows; a torn last line (a killed run) is dropped; any other malformed line is a UserError naming
-    the file and the line."""
+    rows; a torn last line (a killed run) is dropped, except in a `foreign` log (written by another
+    tool, which may not end its last line), where it is a row; any other malformed line is a
+    UserError naming the file and the line."""
     path = Path(path)
-    lines = _complete_lines(path) if path.is_file() else []
+    lines = _complete_lines(path, foreign) if path.is_file() else []
     if not lines:
         return []
     columns = _parse_header(lines[0], path)

@@ -34,6 +34,7 @@ def test_unknown_command_is_one_line_exit_2(tmp_path):
     out = peftsmooth("trian", cwd=tmp_path)
     assert out.returncode == 2
     assert out.stderr.strip().count("\n") == 0 and "choose from" in out.stderr
+    assert out.stderr.startswith("peftsmooth: error: unknown command 'trian'")  # no stray space before the colon
 
 
 def test_train_help_shows_config_groups(tmp_path):

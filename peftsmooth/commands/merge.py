@@ -31,8 +31,7 @@ def run_merge(cfg) -> dict:
         out = parents.pop()
     else:
         out = output_dir()
-    out.mkdir(parents=True, exist_ok=True)
-    summary = results.write_merged(out, shard_dirs)
+    summary = results.write_merged(out, shard_dirs)  # creates out only once every shard was read
     missing = summary["merged_shards"] - len(shard_dirs)
     log.info("merged %d shards (%d images%s) -> %s", len(shard_dirs), summary["num_images"],
              f", {missing} shards missing" if missing else "", out)
