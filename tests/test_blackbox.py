@@ -10,9 +10,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from conftest import TINY, compose
 
-from peftsmooth.adapt.blackbox import BlackBoxSPSA, QueryOracle, WhiteBoxCoordinator, seal
-from peftsmooth.coordinator import Coordinator
 from peftsmooth.errors import UserError
+from peftsmooth.front.blackbox import BlackBoxSPSA, QueryOracle, WhiteBoxCoordinator, seal
+from peftsmooth.front.coordinator import Coordinator
 from peftsmooth.models import BaseClassifier
 
 IMAGE = [1, 8, 8]

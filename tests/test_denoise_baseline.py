@@ -54,8 +54,8 @@ def test_mse_run_directory(mse_run):
     summary, run_dir = mse_run
     info = read_json(run_dir / "run.json")
     assert info["command"] == "denoise-baseline" and info["method"] == "dncnn-mse" and info["finished"] is True
-    assert info["front"]["_target_"] == "peftsmooth.denoisers.TrainedDenoiser"
-    assert info["front"]["arch"] == {"_target_": "peftsmooth.denoisers.DnCNN", "image_channels": 1, "depth": 4,
+    assert info["front"]["_target_"] == "peftsmooth.front.denoisers.TrainedDenoiser"
+    assert info["front"]["arch"] == {"_target_": "peftsmooth.front.denoisers.DnCNN", "image_channels": 1, "depth": 4,
                                      "channels": 8}
     assert info["adapt"] is None and info["base"] is None and info["model_name"] == "vit_tiny"
     # the random tiny ViT is kept (init.safetensors), so load_run rebuilds exactly this classifier
@@ -150,7 +150,7 @@ def test_ddpm_tiny_unet_end_to_end(tmp_path):
     """A tiny random diffusers UNet (flat save_pretrained layout + cosine scheduler config): the run
     dir rebuilds as one-shot denoiser -> classifier through load_run (and certify when present)."""
     diffusers = pytest.importorskip("diffusers", reason="the diffusion extra is not installed")
-    from peftsmooth.denoisers import OneShotDiffusion, timestep_for_sigma
+    from peftsmooth.front.denoisers import OneShotDiffusion, timestep_for_sigma
 
     torch.manual_seed(0)
     unet = diffusers.UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1,

@@ -1,4 +1,4 @@
-"""Denoiser architectures, objectives and the one-shot diffusion step (peftsmooth.denoisers)."""
+"""Denoiser architectures, objectives and the one-shot diffusion step (peftsmooth.front.denoisers)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import torch
 from hydra.utils import instantiate
 
 from conftest import compose
-from peftsmooth.denoisers import (OBJECTIVES, DenoisedClassifier, OneShotDiffusion, check_image_size, get_objective,
-                                  noise_ratio, timestep_for_sigma)
 from peftsmooth.errors import UserError
+from peftsmooth.front.denoisers import (OBJECTIVES, DenoisedClassifier, OneShotDiffusion, check_image_size,
+                                        get_objective, noise_ratio, timestep_for_sigma)
 from peftsmooth.training import Batch
 
 # Each architecture, shrunk to run in a second on CPU (the full sizes are the configs' defaults).

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from peftsmooth.errors import UserError
-from peftsmooth.spsa import SPSA, SPSAConfig, perturbation, spsa_gradient
+from peftsmooth.front.spsa import SPSA, SPSAConfig, perturbation, spsa_gradient
 
 DIM = 20
 

@@ -3,8 +3,8 @@
 The contract (and its defaults) is the `Adaptation` base class in `peftsmooth.adapt.base`.
 Implementations: peft_tuners.PeftTuner (LoRA, LoHa, LoKr, IA3, OFT, BOFT, VeRA from `peft`),
 prompt.VisualPromptTuning, bottleneck.BottleneckAdapters, baselines.LinearProbe / FullFineTuning,
-NoAdaptation (`peft=none`) and the black-box coordinators. `build_adaptation(cfg.peft)`
-instantiates one.
+NoAdaptation (`peft=none`) and the black-box coordinators (in the front stage: `peftsmooth.front.blackbox`).
+`build_adaptation(cfg.peft)` instantiates one.
 """
 
 from __future__ import annotations

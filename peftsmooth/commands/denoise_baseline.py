@@ -136,7 +136,7 @@ def denoiser_evaluator(test_set, sigma: float, settings, seed: int):
 def run_denoise_baseline(cfg) -> dict:
     from hydra.utils import instantiate
 
-    from peftsmooth.denoisers import DenoisedClassifier, get_objective
+    from peftsmooth.front.denoisers import DenoisedClassifier, get_objective
     from peftsmooth.runs import Run
     from peftsmooth.runtime import resolve_device, seed_everything
     from peftsmooth.training import TrainSettings

@@ -23,10 +23,10 @@ import torch
 import torch.nn as nn
 
 from peftsmooth.adapt.base import Adaptation, ZerothOrderAdaptation
-from peftsmooth.coordinator import Coordinator
 from peftsmooth.errors import UserError, require
+from peftsmooth.front.coordinator import Coordinator
+from peftsmooth.front.spsa import SPSA, SPSAConfig
 from peftsmooth.runtime import freeze, pin_eval
-from peftsmooth.spsa import SPSA, SPSAConfig
 
 WEIGHTS_FILE = "coordinator.safetensors"
 
