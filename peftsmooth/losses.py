@@ -1,8 +1,10 @@
-"""Training objectives for the noisy classifier (`train.loss`), and the protocol every objective follows.
+"""Training objectives, the protocol every objective follows, and the one registry of them.
 
 An objective is a callable `(model, batch) -> (loss, logits or None)`; `batch` is a `Batch` (clean x,
-one noisy copy x_noisy, labels y, sigma, `noisy()` for more copies). Chosen by name through
-`OBJECTIVES`; unknown names list the known ones.
+one noisy copy x_noisy, labels y, sigma, `noisy()` for more copies). Two config keys choose one by
+name through `OBJECTIVES`: `train.loss` (the noisy classifier, options in `train.<loss>`) and
+`denoiser.objective` (a denoiser in front of a frozen classifier, trained by denoise-baseline: the
+model is a `peftsmooth.front.denoisers.DenoisedClassifier`). Unknown names list the known ones.
 """
 
 from __future__ import annotations
@@ -83,14 +85,51 @@ class Consistency:
         return ce + self.lbd * kl + self.eta * entropy, logits[: len(batch.y)]
 
 
-OBJECTIVES: dict[str, Callable[..., Callable]] = {"ce": CrossEntropy, "consistency": Consistency}
+# --------------------------------------------------------------------------- denoiser objectives
+# The classifier is frozen and only the denoiser learns; `model(x, part=...)` runs f(D(x)) ("all"),
+# D(x) ("denoiser") or the classifier without the denoiser ("classifier").
+
+class DenoiserMSE:
+    """||D(x + noise) - x||^2 (mean over pixels): the classifier plays no part."""
+
+    def __call__(self, model, batch):
+        return F.mse_loss(model(batch.x_noisy, part="denoiser").float(), batch.x), None
 
 
-def build_objective(name: str, **kwargs) -> Objective:
-    """The objective `name` (a key of OBJECTIVES) with its options."""
-    if name not in OBJECTIVES:
-        raise choice_error("train.loss", name, OBJECTIVES)
-    return OBJECTIVES[name](**kwargs)
+class Stability:
+    """CE(f(D(x + noise)), argmax f(x)): the denoised input should keep the classifier's clean
+    prediction (needs no labels, so it works for any off-the-shelf classifier)."""
+
+    def __call__(self, model, batch):
+        with torch.no_grad():
+            target = model(batch.x, part="classifier").argmax(1)
+        logits = model(batch.x_noisy)
+        return F.cross_entropy(logits.float(), target), logits
+
+
+class Classification:
+    """CE(f(D(x + noise)), y): the denoised input should be classified as its label."""
+
+    def __call__(self, model, batch):
+        logits = model(batch.x_noisy)
+        return F.cross_entropy(logits.float(), batch.y), logits
+
+
+# --------------------------------------------------------------------------- the registry
+
+# Every objective, by the config key that chooses it, then by name: a class built with the options.
+OBJECTIVES: dict[str, dict[str, Callable[..., Objective]]] = {
+    "train.loss": {"ce": CrossEntropy, "consistency": Consistency},
+    "denoiser.objective": {"mse": DenoiserMSE, "stability": Stability, "classification": Classification},
+}
+
+
+def build_objective(name: str, key: str = "train.loss", **options) -> Objective:
+    """The objective `name` among those `key` chooses from, built with its options."""
+    choices = OBJECTIVES[key]
+    if name not in choices:
+        raise choice_error(key, name, choices)
+    return choices[name](**options)
 
 
 def objective_from_cfg(train_cfg: Any) -> tuple[str, Objective]:

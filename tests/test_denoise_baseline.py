@@ -150,7 +150,7 @@ def test_ddpm_tiny_unet_end_to_end(tmp_path):
     """A tiny random diffusers UNet (flat save_pretrained layout + cosine scheduler config): the run
     dir rebuilds as one-shot denoiser -> classifier through load_run (and certify when present)."""
     diffusers = pytest.importorskip("diffusers", reason="the diffusion extra is not installed")
-    from peftsmooth.front.denoisers import OneShotDiffusion, timestep_for_sigma
+    from peftsmooth.front.diffusion import OneShotDiffusion, timestep_for_sigma
 
     torch.manual_seed(0)
     unet = diffusers.UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1,

@@ -1,4 +1,5 @@
-"""Denoiser architectures, objectives and the one-shot diffusion step (peftsmooth.front.denoisers)."""
+"""Denoiser architectures, objectives and the one-shot diffusion step (peftsmooth.front.denoisers,
+peftsmooth.front.diffusion, the denoiser objectives of peftsmooth.losses)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,10 @@ from hydra.utils import instantiate
 
 from conftest import compose
 from peftsmooth.errors import UserError
-from peftsmooth.front.denoisers import (OBJECTIVES, DenoisedClassifier, OneShotDiffusion, check_image_size,
-                                        get_objective, noise_ratio, timestep_for_sigma)
+from peftsmooth.front.denoisers import DenoisedClassifier
+from peftsmooth.front.diffusion import OneShotDiffusion, check_image_size, noise_ratio, timestep_for_sigma
+from peftsmooth.losses import OBJECTIVES, build_objective
+from peftsmooth.models import BaseClassifier
 from peftsmooth.training import Batch
 
 # Each architecture, shrunk to run in a second on CPU (the full sizes are the configs' defaults).
@@ -51,10 +54,11 @@ def test_cnn_denoiser_keeps_shape_and_learns_to_denoise(choice):
     before = test_mse()
     optimizer = torch.optim.Adam(denoiser.parameters(), lr=LEARNING_RATE[choice])
     model = DenoisedClassifier(denoiser, torch.nn.Identity())
+    mse = build_objective("mse", "denoiser.objective")
     for _ in range(20):
         model.train()
         noisy = x_train + sigma * torch.randn(x_train.shape, generator=gen)
-        loss, logits = get_objective("mse")(model, Batch(x_train, noisy, torch.zeros(32, dtype=torch.long), sigma))
+        loss, logits = mse(model, Batch(x_train, noisy, torch.zeros(32, dtype=torch.long), sigma))
         assert logits is None
         optimizer.zero_grad()
         loss.backward()
@@ -104,7 +108,7 @@ def test_objectives_and_frozen_classifier():
     y = torch.arange(8) % 10
     batch = Batch(x, x + 0.1 * torch.randn_like(x), y, 0.1)
     for name in ("stability", "classification"):
-        loss, logits = OBJECTIVES[name](model, batch)
+        loss, logits = build_objective(name, "denoiser.objective")(model, batch)
         assert logits.shape == (8, 10)
         loss.backward()
     assert denoiser.weight.grad is not None
@@ -112,9 +116,31 @@ def test_objectives_and_frozen_classifier():
     # stability: CE against the clean prediction, computed by hand
     with torch.no_grad():
         expect = torch.nn.functional.cross_entropy(classifier(denoiser(batch.x_noisy)), classifier(x).argmax(1))
-        assert torch.allclose(OBJECTIVES["stability"](model, batch)[0], expect)
+        assert torch.allclose(build_objective("stability", "denoiser.objective")(model, batch)[0], expect)
     with pytest.raises(UserError, match="denoiser.objective=bogus.*classification, mse, stability"):
-        get_objective("bogus")
+        build_objective("bogus", "denoiser.objective")
+
+
+def test_denoiser_trains_as_the_classifiers_front():
+    """f(D(x)) in training is a BaseClassifier with D as its `front` (as load_run rebuilds the run),
+    on the classifier's own backbone, also under an adaptation's wrapper; the classifier is unchanged
+    and stays in eval mode, and only the denoiser's parameters train."""
+    backbone = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10), torch.nn.Dropout(0.5))
+    base = BaseClassifier(backbone, 8, [0.5], [0.5], in_chans=1)
+    wrapped = torch.nn.Sequential(base)              # stands for peft's PeftModel around the classifier
+    denoiser = torch.nn.Conv2d(1, 1, 3, padding=1)
+    model = DenoisedClassifier(denoiser, wrapped).train()
+    trained = model.denoised
+    assert isinstance(trained, BaseClassifier) and trained.front is denoiser and trained.backbone is backbone
+    assert isinstance(base.front, torch.nn.Identity)
+    assert denoiser.training and not backbone.training and not wrapped.training
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {"denoiser.weight", "denoiser.bias"}
+    x = torch.rand(4, 1, 8, 8)
+    model.eval()
+    assert torch.equal(model(x), backbone(base.preprocess(denoiser(x)))) and torch.equal(model(x), wrapped(denoiser(x)))
+    assert torch.equal(model(x, part="classifier"), wrapped(x))
+    assert sorted(OBJECTIVES) == ["denoiser.objective", "train.loss"]
+    assert sorted(OBJECTIVES["train.loss"]) == ["ce", "consistency"]
 
 
 # --------------------------------------------------------------------------- sigma -> timestep

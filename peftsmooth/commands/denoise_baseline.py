@@ -136,7 +136,8 @@ def denoiser_evaluator(test_set, sigma: float, settings, seed: int):
 def run_denoise_baseline(cfg) -> dict:
     from hydra.utils import instantiate
 
-    from peftsmooth.front.denoisers import DenoisedClassifier, get_objective
+    from peftsmooth.front.denoisers import DenoisedClassifier
+    from peftsmooth.losses import build_objective
     from peftsmooth.runs import Run
     from peftsmooth.runtime import resolve_device, seed_everything
     from peftsmooth.training import TrainSettings
@@ -144,7 +145,7 @@ def run_denoise_baseline(cfg) -> dict:
     # --- everything that can be wrong is checked before any work
     seed_everything(int(cfg.seed))  # the denoiser's initialization
     front = instantiate(cfg.denoiser)
-    objective = get_objective(str(cfg.denoiser.objective)) if front.trains else None
+    objective = build_objective(str(cfg.denoiser.objective), "denoiser.objective") if front.trains else None
     settings = TrainSettings.from_cfg(cfg.train) if front.trains else None
     run = Run.open(cfg, "denoise-baseline", resolve_device(cfg.device), settings)
     base = _base_info(cfg)

@@ -7,7 +7,7 @@
 
 The output has the native shape (C,H,W), so the coordinator is simply part of the base classifier
 f = classifier(coordinator(.)): it sits after the noise and before the classifier's own resizing
-and normalization (DESIGN.md section 1), and certificates stay in native pixel space.
+and normalization (validity rule 1 in docs/architecture.md): certificates stay in native pixel space.
 
 Encoders (registry ENCODERS, `coordinator.encoder.name`): `random` (a tiny frozen random-feature
 convnet, for CPU tests) and `timm` (a small frozen pretrained timm convnet, for GPU runs). Only the
@@ -25,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from peftsmooth.errors import UserError, choice_error, require
+from peftsmooth.runtime import EvalPinned, freeze
 
 ENCODERS: dict[str, Callable[..., nn.Module]] = {}
 
@@ -37,19 +38,14 @@ def register_encoder(name: str):
     return wrap
 
 
-class FrozenEncoder(nn.Module):
+class FrozenEncoder(EvalPinned):
     """Base for encoders: never trained, always in eval mode (no batch-norm statistics updates)."""
 
     out_channels: int
     saves_weights: bool = True   # False when the weights can be rebuilt (pretrained from timm)
 
     def freeze(self) -> "FrozenEncoder":
-        for p in self.parameters():
-            p.requires_grad_(False)
-        return self.eval()
-
-    def train(self, mode: bool = True) -> "FrozenEncoder":
-        return super().train(False)
+        return freeze(self).eval()
 
 
 @register_encoder("random")
