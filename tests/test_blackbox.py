@@ -194,6 +194,12 @@ def test_save_load_round_trip_through_load_run(tmp_path, fitted_state):
     model.eval()
     with torch.no_grad():
         assert torch.allclose(loaded(x), model(x), atol=1e-6)
+    # run.json written before the move to peftsmooth.front: the old `_target_` still loads
+    old = (tmp_path / "run.json").read_text().replace("peftsmooth.front.blackbox.", "peftsmooth.adapt.blackbox.")
+    assert '"peftsmooth.adapt.blackbox.BlackBoxSPSA"' in old
+    (tmp_path / "run.json").write_text(old)
+    with torch.no_grad():
+        assert torch.equal(load_run(tmp_path)[0](x), loaded(x))
 
 
 # ---------------------------------------------------------------- bad input

@@ -84,6 +84,22 @@ def test_load_run_is_classifier_after_denoiser(mse_run):
         assert not torch.equal(model.front(x), x)  # the denoiser is really there
 
 
+def test_run_json_of_earlier_versions_loads(mse_run, tmp_path):
+    """A run.json written before the front stage moved to peftsmooth.front names the old `_target_`s:
+    load_run rebuilds the same classifier from them."""
+    from hydra.utils import get_class
+
+    _, run_dir = mse_run
+    text = (run_dir / "run.json").read_text().replace("peftsmooth.front.denoisers.", "peftsmooth.denoisers.")
+    assert '"peftsmooth.denoisers.TrainedDenoiser"' in text and '"peftsmooth.denoisers.DnCNN"' in text
+    (tmp_path / "run.json").write_text(text)
+    (tmp_path / "denoiser.safetensors").write_bytes((run_dir / "denoiser.safetensors").read_bytes())
+    x = torch.rand(3, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(load_run(tmp_path)[0](x), load_run(run_dir)[0](x))
+    assert get_class("peftsmooth.denoisers.PretrainedDiffusion").__module__ == "peftsmooth.front.diffusion"
+
+
 def test_certify_runs_on_the_denoiser_run(mse_run, tmp_path):
     """`peftsmooth certify run=<dir>` certifies denoiser -> classifier with no special casing."""
     try:
