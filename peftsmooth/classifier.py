@@ -48,7 +48,8 @@ def certify_sigma(given, sigma_train) -> float:
     sigma = given if given is not None else sigma_train
     require(sigma is not None, "sigma=null: give the noise level to certify at, e.g. sigma=0.25 (required with model=...)")
     require(isinstance(sigma, (int, float)) and float(sigma) > 0,
-            f"sigma={sigma} must be > 0 to certify" if given is not None else
+            f"sigma={sigma} must be > 0 to certify (there is no smoothing at sigma=0), e.g. sigma=0.25"
+            if given is not None else
             f"the run was trained at sigma={sigma}: give the noise level to certify at, e.g. sigma=0.25")
     return float(sigma)
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import os
 import shutil
-import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -42,11 +42,11 @@ def _override_values(override: Any) -> list[str]:
 
 
 def validate_cli_args(command: str, args: list[str]) -> None:
-    """Check config-group choices (and, for single runs, compose the config) before Hydra starts."""
+    """Everything that needs no model, data or network, before Hydra starts (and creates a directory):
+    config-group choices, then every job's composed config and the command's checks (peftsmooth.precheck)."""
     from hydra._internal.utils import get_args_parser
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
 
     parsed, _unknown = get_args_parser().parse_known_args(args)
     if parsed.help or parsed.hydra_help or parsed.shell_completion or parsed.info:
@@ -64,21 +64,10 @@ def validate_cli_args(command: str, args: list[str]) -> None:
         for value in _override_values(ov):
             if value not in allowed:
                 raise choice_error(group, value, allowed)
-    if parsed.multirun:
-        return
-    from hydra import compose, initialize_config_dir
+    from peftsmooth.precheck import check_jobs
 
-    plain = [o for o in parsed.overrides if not o.lstrip("+~").startswith("hydra")]
-    try:
-        with initialize_config_dir(config_dir=str(root), version_base="1.3"):
-            compose(config_name=config_name(command), overrides=plain)
-    except (HydraException, OmegaConfBaseException) as err:
-        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-        message = lines[0] if lines else type(err).__name__
-        cause = err.__cause__
-        if cause is not None and str(cause).strip():
-            message += " " + str(cause).strip().splitlines()[0]
-        raise UserError(message) from None
+    # --cfg only prints the config: composed, but not held to the command's checks
+    check_jobs(command, list(parsed.overrides), multirun=bool(parsed.multirun), checks=not parsed.cfg)
 
 
 def hydra_choice(group: str, default=None):
@@ -98,29 +87,81 @@ def output_dir() -> Path:
     return Path(HydraConfig.get().runtime.output_dir)
 
 
+# The deepest directory on the way to this process's run directory that existed before Hydra started
+# (noted by peftsmooth.precheck): the directories below it were created by this command.
+_EXISTED: list[Path] = []
+
+
+def remember_run_dir(run_dir: Path | None) -> None:
+    """Note which directories on the way to `run_dir` exist already (before Hydra creates it)."""
+    _EXISTED.clear()
+    if run_dir is not None:
+        _EXISTED.append(next(p for p in [run_dir, *run_dir.parents] if p.is_dir()))
+
+
 def _remove_if_unstarted(run_dir: Path) -> None:
-    """After a UserError, drop a run dir that holds only Hydra's own files (nothing was produced)."""
-    if not run_dir.is_dir():
-        return
-    produced = [p for p in run_dir.iterdir() if p.name != ".hydra" and p.suffix != ".log"]
-    if not produced:
+    """After a UserError (or when a command wrote its results elsewhere), drop a run dir that holds
+    only Hydra's own files, then the directories above it that this command created and left empty."""
+    run_dir = Path(os.path.abspath(run_dir))  # as Hydra makes runtime.output_dir
+    if run_dir.is_dir():
+        produced = [p for p in run_dir.iterdir() if p.name != ".hydra" and p.suffix != ".log"]
+        if produced:
+            return
+        _close_log_files(run_dir)
         shutil.rmtree(run_dir, ignore_errors=True)
+    existed = _EXISTED[0] if _EXISTED else None
+    for parent in run_dir.parents:
+        if existed is None or existed not in parent.parents:
+            break
+        try:
+            parent.rmdir()  # only an empty directory
+        except OSError:
+            break
+
+
+def _close_log_files(run_dir: Path) -> None:
+    """Detach the logging handlers that write into `run_dir` (Hydra's job log) before it goes, so
+    that a process that carries on (a notebook, a test) does not log into a removed directory."""
+    import logging
+
+    loggers = [logging.getLogger(), *(lg for lg in logging.Logger.manager.loggerDict.values()
+                                      if isinstance(lg, logging.Logger))]
+    for logger in loggers:
+        for handler in list(logger.handlers):
+            if isinstance(handler, logging.FileHandler) and run_dir in Path(handler.baseFilename).parents:
+                logger.removeHandler(handler)
+                handler.close()
 
 
 def check_common(cfg) -> None:
-    """Checks every command shares: sigma is a non-negative number where it is set."""
+    """Checks every command shares: sigma is a non-negative number and device a usable one, where set."""
     sigma = cfg.get("sigma")
-    if sigma is None:
-        return
-    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)):
-        raise UserError(f"sigma={sigma} is not a number (the Gaussian noise std in [0,1] pixel units, e.g. 0.25, 0.5, 1.0)")
-    if sigma < 0:
-        raise UserError(f"sigma={sigma} must be >= 0 (the Gaussian noise std in [0,1] pixel units, e.g. 0.25, 0.5, 1.0)")
+    if sigma is not None:
+        if isinstance(sigma, bool) or not isinstance(sigma, (int, float)):
+            raise UserError(f"sigma={sigma} is not a number (the Gaussian noise std in [0,1] pixel units, e.g. 0.25, 0.5, 1.0)")
+        if sigma < 0:
+            raise UserError(f"sigma={sigma} must be >= 0 (the Gaussian noise std in [0,1] pixel units, e.g. 0.25, 0.5, 1.0)")
+    if cfg.get("device") is not None:
+        from peftsmooth.runtime import resolve_device
+
+        resolve_device(cfg.device)
 
 
-def hydra_app(command: str, run_fn: Callable[[Any], Any]) -> Callable[[], Any]:
-    """Wrap `run_fn(cfg)` as the command's Hydra main; a UserError becomes one line + exit 2."""
+# command -> its check of the composed config (no model, data or network), set by hydra_app
+CHECKS: dict[str, Callable[[Any], None]] = {}
+
+
+def hydra_app(command: str, run_fn: Callable[[Any], Any],
+              check: Callable[[Any], None] | None = None) -> Callable[[], Any]:
+    """Wrap `run_fn(cfg)` as the command's Hydra main; a UserError becomes one line + exit 2.
+
+    `check(cfg)` is the command's validation before work (no model, data or network): the CLI runs
+    it on every job's config before Hydra starts (peftsmooth.precheck); `run_fn` starts with it too
+    (it usually needs what the check finds, and tests call `run_fn` directly)."""
     import hydra
+
+    if check is not None:
+        CHECKS[command] = check
 
     @functools.wraps(run_fn)
     def task(cfg):

@@ -96,15 +96,25 @@ def _cifar(cfg, split: str, augment: bool, cls, folder: str) -> Dataset:
     extra = train_transform(cfg) if augment else None
     if extra is not None:
         steps.append(extra)
+    existed = root.exists()
     try:
         return cls(str(root), train=(split == "train"), download=bool(cfg.download), transform=v2.Compose(steps))
     except RuntimeError as err:  # "Dataset not found or corrupted"
         raise _missing(cfg, root / folder, cfg.name) from err
     except OSError as err:  # download attempted without network
+        if not existed:  # the folder torchvision made for the download, left empty
+            _remove_empty_dir(root)
         raise UserError(
             f"could not download {cfg.name} to {root} ({type(err).__name__}); "
             f"put {folder}/ under dataset.root=/path/to/data and set dataset.download=false"
         ) from err
+
+
+def _remove_empty_dir(path: Path) -> None:
+    try:
+        path.rmdir()
+    except OSError:  # not empty (a partial download stays for the next try) or already gone
+        pass
 
 
 @register_dataset("cifar10")

@@ -10,6 +10,7 @@ certified radius stay in the dataset's native pixel space (validity rule 1 in do
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Mapping
 
@@ -17,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from peftsmooth import hub
 from peftsmooth.errors import UserError
 from peftsmooth.runtime import atomic_write
 
@@ -87,36 +89,41 @@ def save_state_dict_file(state: Mapping[str, torch.Tensor], path: str | Path) ->
     atomic_write(path, lambda tmp: save_file(tensors, tmp))
 
 
-def _create_backbone(model_cfg, num_classes: int) -> nn.Module:
+def check_model_config(model_cfg) -> None:
+    """The model's name and local weight files, checked before anything is built or fetched."""
     import timm
 
-    kwargs = dict(model_cfg.get("kwargs") or {})
-    pretrained = bool(model_cfg.get("pretrained", False))
-    weights = model_cfg.get("weights")
-    if model_cfg.get("checkpoint"):
-        pretrained = False  # the full state dict replaces every weight
-    elif weights:
-        path = Path(str(weights)).expanduser()
-        if not path.is_file():
-            raise UserError(f"model.weights={weights}: file not found")
-        pretrained = True
-        kwargs["pretrained_cfg_overlay"] = dict(file=str(path), custom_load=False)
+    for key in ("weights", "checkpoint"):
+        value = model_cfg.get(key)
+        if value and not Path(str(value)).expanduser().is_file():
+            raise UserError(f"model.{key}={value}: file not found")
     if not timm.is_model(str(model_cfg.name).split(".")[0]):
         raise UserError(f"model.name={model_cfg.name} is not a timm model (see timm.list_models())")
-    try:
-        return timm.create_model(str(model_cfg.name), pretrained=pretrained, num_classes=num_classes, **kwargs)
-    except (OSError, ConnectionError) as err:
-        raise UserError(
-            f"could not load pretrained weights for {model_cfg.name} ({type(err).__name__}); offline, set "
-            f"model.weights=/path/to/weights.safetensors or model.pretrained=false"
-        ) from err
-    except RuntimeError as err:
-        if "download" in str(err).lower() or "hub" in str(err).lower():
-            raise UserError(
-                f"could not load pretrained weights for {model_cfg.name}; offline, set "
-                f"model.weights=/path/to/weights.safetensors or model.pretrained=false"
-            ) from err
-        raise
+
+
+def _create_backbone(model_cfg, num_classes: int) -> nn.Module:
+    """The timm backbone: random, from `model.weights` (a local file) or, `model.pretrained`, from the
+    hub (offline at once where it cannot be reached: peftsmooth.hub). `model.checkpoint` wins over both."""
+    import timm
+
+    check_model_config(model_cfg)
+    name, kwargs = str(model_cfg.name), dict(model_cfg.get("kwargs") or {})
+    weights = None if model_cfg.get("checkpoint") else model_cfg.get("weights")
+    from_hub = bool(model_cfg.get("pretrained", False)) and not weights and not model_cfg.get("checkpoint")
+    if weights:
+        kwargs["pretrained_cfg_overlay"] = dict(file=str(Path(str(weights)).expanduser()), custom_load=False)
+    with hub.offline_unless_reachable() if from_hub else contextlib.nullcontext() as offline:
+        if offline is not None:
+            hub.require_cached(name, "model", offline)
+        try:
+            return timm.create_model(name, pretrained=from_hub or bool(weights), num_classes=num_classes, **kwargs)
+        except (OSError, ConnectionError, RuntimeError) as err:
+            detail = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"
+            if weights:
+                raise UserError(f"model.weights={weights} cannot be loaded into {name} ({detail})") from err
+            if isinstance(err, RuntimeError) and not any(w in detail.lower() for w in ("download", "hub")):
+                raise
+            raise hub.weights_error(name, "model", offline or detail) from err
 
 
 def build_classifier(model_cfg, num_classes: int, image_size) -> BaseClassifier:

@@ -41,12 +41,18 @@ class Report:
     certifications: list[Certification]
 
 
-def build_report(dirs: Sequence[str | Path], radius_grid: Sequence[float] = DEFAULT_RADII) -> Report:
-    """Find every run and certification under `dirs` and build the comparison table."""
+def check_dirs(dirs: Sequence[str | Path]) -> list[Path]:
+    """The directories to scan; each must exist."""
     roots = [Path(str(d)).expanduser() for d in dirs]
     for root in roots:
         if not root.is_dir():
             raise UserError(f"dirs: {root} is not a directory (give directories holding train/certify runs)")
+    return roots
+
+
+def build_report(dirs: Sequence[str | Path], radius_grid: Sequence[float] = DEFAULT_RADII) -> Report:
+    """Find every run and certification under `dirs` and build the comparison table."""
+    roots = check_dirs(dirs)
     grid = sorted(float(r) for r in radius_grid)
     runs, certs = find_certifications(roots)
     cache: dict = {}

@@ -17,7 +17,7 @@ import re
 from bisect import bisect_left
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 from peftsmooth.errors import UserError
 from peftsmooth.runtime import atomic_write, atomic_write_text
@@ -149,10 +149,15 @@ def summary_metadata(summary: dict | None) -> dict:
 
 # --- the files ------------------------------------------------------------------------------
 
+def _curve_radii(row_lists: Iterable[Sequence[dict]], step: float) -> list[float]:
+    """Radii from 0 to just past the largest certified radius of any of the row lists."""
+    top = max([row["radius"] for rows in row_lists for row in rows if row["correct"]], default=0.0)
+    return [i * step for i in range(int(math.floor(top / step)) + 2)]
+
+
 def curve_points(rows: Sequence[dict], step: float = 0.01) -> list[tuple[float, float]]:
     """(radius, certified accuracy) from 0 to just past the largest certified radius."""
-    top = max([row["radius"] for row in rows if row["correct"]], default=0.0)
-    radii = [i * step for i in range(int(math.floor(top / step)) + 2)]
+    radii = _curve_radii([rows], step)
     return [(round(r, 10), a) for r, a in zip(radii, curve(rows, radii))]
 
 
@@ -161,17 +166,32 @@ def write_curve_csv(rows: Sequence[dict], path: str | Path) -> None:
     atomic_write_text(path, "\n".join(lines) + "\n")
 
 
+def write_curves_csv(curves: Mapping[str, Sequence[dict]], path: str | Path, step: float = 0.01) -> None:
+    """Several certifications' curves on one grid of radii: `radius,<label>,<label>,...`."""
+    radii = _curve_radii(curves.values(), step)
+    columns = [curve(rows, radii) for rows in curves.values()]
+    lines = [",".join(["radius", *curves])]
+    lines += [",".join([f"{round(r, 10):g}", *(f"{c[i]:.6f}" for c in columns)]) for i, r in enumerate(radii)]
+    atomic_write_text(path, "\n".join(lines) + "\n")
+
+
 def plot_curve(rows: Sequence[dict], path: str | Path, *, acr: float, sigma: float, title: str = "") -> None:
     """Certified accuracy vs radius, with ACR and sigma in the legend (atomic write)."""
+    plot_curves({f"sigma={sigma:g}": (rows, acr)}, path, title=title)
+
+
+def plot_curves(curves: Mapping[str, tuple[Sequence[dict], float]], path: str | Path, *, title: str = "") -> None:
+    """Certified accuracy vs radius of several certifications (label -> (rows, ACR)) on one axis, each
+    legend entry with its ACR (atomic write)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    points = curve_points(rows)
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.plot([r for r, _ in points], [a for _, a in points], drawstyle="steps-post",
-            label=f"sigma={sigma:g}, ACR={acr:.3f}")
+    for label, (rows, acr) in curves.items():
+        points = curve_points(rows)
+        ax.plot([r for r, _ in points], [a for _, a in points], drawstyle="steps-post", label=f"{label}, ACR={acr:.3f}")
     ax.set_xlabel("radius (L2, native pixels in [0,1])")
     ax.set_ylabel("certified accuracy")
     ax.set_ylim(0, 1)

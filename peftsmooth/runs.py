@@ -223,25 +223,33 @@ def command_line(command: str) -> str:
     return format_command(command, sys.argv[1:])
 
 
+def check_resume(resume, command: str) -> Path | None:
+    """`resume=<dir>`: an existing run directory written by `command` (None without resume=)."""
+    from peftsmooth.train_state import CHECKPOINT
+
+    if not resume:
+        return None
+    path = Path(str(resume)).expanduser()
+    require(path.is_dir(), f"resume={resume}: no such directory")
+    require((path / CHECKPOINT).is_file() or (path / RUN_FILE).is_file(),
+            f"resume={resume} is not a {command} run directory (no {CHECKPOINT} or {RUN_FILE})")
+    if (path / RUN_FILE).is_file():
+        written_by = read_run_info(path).command
+        require(written_by in (None, command), f"resume={resume} is a {written_by} run; give a {command} run directory")
+    return path.resolve()
+
+
 def run_directory(cfg, command: str) -> Path:
     """`resume=<dir>` continues that run; otherwise this job's Hydra directory (which resumes too if
     it already holds a checkpoint, e.g. `hydra.run.dir=<dir>`)."""
     from peftsmooth.config import output_dir
-    from peftsmooth.train_state import CHECKPOINT
 
-    if not cfg.get("resume"):
-        path = output_dir().resolve()
-        path.mkdir(parents=True, exist_ok=True)
-        return path
-    path = Path(str(cfg.resume)).expanduser()
-    require(path.is_dir(), f"resume={cfg.resume}: no such directory")
-    require((path / CHECKPOINT).is_file() or (path / RUN_FILE).is_file(),
-            f"resume={cfg.resume} is not a {command} run directory (no {CHECKPOINT} or {RUN_FILE})")
-    if (path / RUN_FILE).is_file():
-        written_by = read_run_info(path).command
-        require(written_by in (None, command),
-                f"resume={cfg.resume} is a {written_by} run; give a {command} run directory")
-    return path.resolve()
+    resumed = check_resume(cfg.get("resume"), command)
+    if resumed is not None:
+        return resumed
+    path = output_dir().resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def _drop_stray_dir(mine: Path, run_dir: Path) -> None:

@@ -26,7 +26,7 @@ CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
 
 # Config keys that may change between a run and its resumption (they do not change the numbers).
-RESUME_FREE = ("hydra", "resume", "device", "train.num_workers", "train.eval_batch_size")
+RESUME_FREE = ("hydra", "resume", "device", "train.num_workers", "train.eval_batch_size", "train.tensorboard")
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -40,11 +40,12 @@ and checkpointed) and be updated in place.
 
 Files (rank 0 only): `metrics.jsonl` (one JSON object per epoch: epoch, step, loss, train_acc,
 clean_acc, noisy_acc, lr, the evaluator's / hook's extra fields and time), rewritten atomically
-every epoch; `checkpoint.pt` (see peftsmooth.train_state). If `run_dir` holds a checkpoint, `fit`
-resumes after its last completed epoch; with the same config the resumed run reproduces the
-uninterrupted run's metrics, because every random stream is re-seeded at the start of each epoch
-from (seed, epoch, rank). A checkpoint written with a different config is a UserError naming the
-differing keys.
+every epoch; `checkpoint.pt` (see peftsmooth.train_state); `training.png` and, with
+`tensorboard=True`, TensorBoard event files (peftsmooth.train_watch). If `run_dir` holds a
+checkpoint, `fit` resumes after its last completed epoch; with the same config the resumed run
+reproduces the uninterrupted run's metrics, because every random stream is re-seeded at the start
+of each epoch from (seed, epoch, rank). A checkpoint written with a different config is a UserError
+naming the differing keys.
 
 Data parallel: started under `torchrun`, `init_distributed()` joins the process group;
 `batch_size` is the global batch, split evenly over the ranks; gradients are averaged by
@@ -72,9 +73,11 @@ from peftsmooth.runtime import PRECISIONS, mix_seed
 from peftsmooth.train_state import (CHECKPOINT, METRICS, TrainState, check_resume_config, read_checkpoint,
                                     read_metrics, resume_fingerprint, write_metrics)
 from peftsmooth.train_steps import FirstOrderStep, StepResult, TrainingStep, ZerothOrderStep, autocast
+from peftsmooth.train_watch import TrainingWatch, check_tensorboard
 
-__all__ = ["TrainSettings", "fit", "preflight", "accuracy_evaluator", "eval_loader", "evaluation_record",
-           "Batch", "add_noise", "CHECKPOINT", "METRICS", "read_checkpoint", "read_metrics", "resume_fingerprint"]
+__all__ = ["TrainSettings", "fit", "preflight", "check_precision", "accuracy_evaluator", "eval_loader",
+           "evaluation_record", "Batch", "add_noise", "CHECKPOINT", "METRICS", "read_checkpoint", "read_metrics",
+           "resume_fingerprint"]
 
 log = logging.getLogger("peftsmooth.train")
 
@@ -99,6 +102,7 @@ class TrainSettings:
     max_steps_per_epoch: Optional[int] = None  # cap optimizer steps per epoch (quick runs, tests)
     max_eval: Optional[int] = None    # evaluate on the first max_eval test images only
     eval_every: int = 1               # evaluate every N epochs (and always after the last)
+    tensorboard: bool = False         # also write TensorBoard event files into the run directory
 
     @classmethod
     def from_cfg(cls, cfg: Any) -> "TrainSettings":
@@ -124,6 +128,7 @@ class TrainSettings:
         require(self.max_eval is None or int(self.max_eval) >= 1, f"train.max_eval={self.max_eval} must be >= 1 or null")
         if self.precision not in PRECISIONS:
             raise choice_error("train.precision", self.precision, PRECISIONS)
+        check_tensorboard(bool(self.tensorboard))
 
 
 def preflight(run_dir: str | Path, config: Any, device: torch.device,
@@ -132,12 +137,17 @@ def preflight(run_dir: str | Path, config: Any, device: torch.device,
     in `run_dir` written with the same `config`. Returns that checkpoint (None: a fresh start)."""
     if settings is not None:
         settings.validate()
-        if settings.precision == "fp16" and device.type != "cuda":
-            raise UserError(f"train.precision=fp16 needs a GPU (device is {device}); use bf16 or fp32")
+        check_precision(settings, device)
     checkpoint = read_checkpoint(run_dir)
     if checkpoint is not None:
         check_resume_config(checkpoint, config, Path(run_dir))
     return checkpoint
+
+
+def check_precision(settings: TrainSettings, device: torch.device) -> None:
+    """fp16 autocast needs a GPU (its gradient scaler has no CPU counterpart here)."""
+    if settings.precision == "fp16" and device.type != "cuda":
+        raise UserError(f"train.precision=fp16 needs a GPU (device is {device}); use bf16 or fp32")
 
 
 @dataclass(frozen=True)
@@ -213,6 +223,7 @@ def evaluation_record(model: nn.Module, evaluate: Callable[..., dict], run_dir: 
     record["time"] = round(time.time() - started, 3)
     if dist_info.is_main:
         write_metrics(run_dir, [record])
+        TrainingWatch(run_dir).close([record])
     return record
 
 
@@ -311,6 +322,8 @@ def fit(model: nn.Module, train_set: Dataset, *, sigma: float, settings: TrainSe
         state.resume(checkpoint, run_dir, announce=dist_info.is_main)
     started = time.time()
     show = (sys.stderr.isatty() if progress is None else progress) and dist_info.is_main
+    watch = (TrainingWatch(run_dir, tensorboard=settings.tensorboard, resumed_epoch=state.epoch)
+             if dist_info.is_main else None)
     with _progress(show) as bar:
         for epoch in range(state.epoch + 1, settings.epochs + 1):
             t0 = time.time()
@@ -319,9 +332,12 @@ def fit(model: nn.Module, train_set: Dataset, *, sigma: float, settings: TrainSe
                 record.update(evaluate(model, dist_info))
             record["time"] = round(time.time() - t0, 3)
             state.end_epoch(record, run_dir, write=dist_info.is_main)
-            if dist_info.is_main:
+            if watch is not None:
                 _log_epoch(record, settings.epochs)
+                watch.epoch(state.history)
             barrier(dist_info)
+    if watch is not None:
+        watch.close(state.history)
     files = list(save(model, run_dir) or []) if dist_info.is_main and save is not None else []
     barrier(dist_info)
     return {"metrics": state.history[-1] if state.history else {}, "history": state.history, "files": files,

@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 
 def test_demo_runs_the_real_pipeline(tmp_path):
     out_dir = tmp_path / "demo"
@@ -24,6 +26,14 @@ def test_demo_runs_the_real_pipeline(tmp_path):
     assert (out_dir / "curve.png").stat().st_size > 1000
     rows = json.loads((out_dir / "demo.json").read_text())
     base, lora = rows["none (clean base)"], rows["lora"]
+    # curve.png overlays both methods: its data, curve.csv, has one column per method, each the
+    # certified accuracy of that method's own certification
+    header, *lines = (out_dir / "curve.csv").read_text().splitlines()
+    assert header.split(",") == ["radius", "none (clean base)", "lora"]
+    table = {float(r): (float(b), float(a)) for r, b, a in (line.split(",") for line in lines)}
+    for r in (0.0, 0.25):
+        expected = (base["certified_accuracy"][str(r)], lora["certified_accuracy"][str(r)])
+        assert table.get(r, (0.0, 0.0)) == pytest.approx(expected, abs=1e-6), r
     assert base["trainable_params"] == 0 < lora["trainable_params"]
     assert (out_dir / "lora" / "adapter_config.json").is_file()
     assert (out_dir / "base" / "model.safetensors").is_file()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -41,8 +42,11 @@ def _numbers(run_dir):
     return [{k: v for k, v in m.items() if k != "time"} for m in read_metrics(run_dir)]
 
 
+HAS_TENSORBOARD = importlib.util.find_spec("tensorboard") is not None
+
+
 def test_train_writes_run_files_and_certify_can_rebuild_it(tmp_path):
-    out = _train(tmp_path, "peft=lora")
+    out = _train(tmp_path, "peft=lora", *(["train.tensorboard=true"] if HAS_TENSORBOARD else []))
     info = read_run_info(tmp_path)
     assert SCHEMA <= set(info)
     assert info["finished"] is True and info["method"] == "lora" and info["command"] == "train"
@@ -53,6 +57,15 @@ def test_train_writes_run_files_and_certify_can_rebuild_it(tmp_path):
     assert [m["epoch"] for m in metrics] == [1, 2, 3]
     assert {"epoch", "loss", "clean_acc", "noisy_acc", "lr", "time"} <= set(metrics[-1])
     assert 0 <= metrics[-1]["noisy_acc"] <= 1
+    assert (tmp_path / "training.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # loss, clean / noisy acc
+    if HAS_TENSORBOARD:  # the extra is installed: the same numbers as TensorBoard scalars
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        events = EventAccumulator(str(tmp_path))
+        events.Reload()
+        assert [(s.step, round(s.value, 5)) for s in events.Scalars("noisy_acc")] == \
+            [(m["epoch"], round(m["noisy_acc"], 5)) for m in metrics]
+        assert {"loss", "clean_acc", "lr"} <= set(events.Tags()["scalars"])
     from peft import PeftModel
 
     model, _ = load_run(tmp_path)
@@ -81,6 +94,7 @@ def test_none_only_evaluates(tmp_path):
     assert out["trainable_params"] == 0
     metrics = read_metrics(tmp_path)
     assert len(metrics) == 1 and metrics[0]["epoch"] == 0 and metrics[0]["noisy_acc"] is not None
+    assert (tmp_path / "training.png").is_file()  # every run has one, an evaluation-only one too
 
 
 def test_kill_and_resume_reproduces_the_uninterrupted_run(tmp_path, monkeypatch):

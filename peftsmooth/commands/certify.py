@@ -36,12 +36,26 @@ from peftsmooth.smoothing import Smooth
 log = logging.getLogger(__name__)
 
 
+def check_certify(cfg) -> Settings:
+    """Every check certify makes before a model, data or the network: certify.*, sigma (> 0: there is
+    no smoothing at 0), the run's run.json or the model's name and weight files."""
+    from peftsmooth.models import check_model_config
+    from peftsmooth.runs import read_run_info
+
+    settings = Settings.from_config(cfg.certify)
+    sigma_train = read_run_info(cfg.run).sigma if cfg.get("run") else None
+    certify_sigma(cfg.get("sigma"), sigma_train)
+    if not cfg.get("run"):
+        check_model_config(cfg.model)
+    return settings
+
+
 def run_certify(cfg) -> dict:
     from peftsmooth.data import build_dataset
     from peftsmooth.progress import CertifyProgress
     from peftsmooth.runtime import resolve_device, seed_everything
 
-    s = Settings.from_config(cfg.certify)
+    s = check_certify(cfg)
     dist = init_distributed(resolve_device(cfg.device))
     require(dist.world_size == 1 or s.num_shards == 1,
             "certify.num_shards must stay 1 under torchrun (each of the WORLD_SIZE processes certifies one shard)")
@@ -153,4 +167,4 @@ def _fmt(value) -> str:
 
 OmegaConf.register_new_resolver("peftsmooth_certify_dir", certify_dir, replace=True)
 
-main = hydra_app("certify", run_certify)
+main = hydra_app("certify", run_certify, check=check_certify)

@@ -2,8 +2,9 @@
 
 It runs the same commands a researcher runs (as subprocesses, each with its own Hydra run dir
 inside the demo's directory): a clean base classifier, LoRA PEFTSmoothing on noise, and
-certification of both the unadapted base and the LoRA model. It then prints the comparison and
-copies the LoRA model's summary.json and curve.png to the demo directory.
+certification of both the unadapted base and the LoRA model. It then prints the comparison, copies
+the LoRA model's summary.json to the demo directory and writes curve.png / curve.csv there: both
+certified-accuracy curves on one plot (ACR in the legend), one column per method.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from peftsmooth import results
 from peftsmooth.config import hydra_app, output_dir
-from peftsmooth.errors import UserError
+from peftsmooth.errors import UserError, choice_error, require
 from peftsmooth.runs import read_json, write_json
 
 
@@ -36,7 +38,33 @@ def _certify_dir(run_dir: Path) -> Path:
     return found[-1].parent
 
 
+def _compare_curves(out: Path, certs: dict[str, Path], summaries: dict[str, dict], cfg) -> None:
+    """curve.csv (a column per method) and curve.png: the compared methods on one plot, ACR in the legend."""
+    curves = {name: results.read_tsv(d / results.TSV_FILE) for name, d in certs.items()}
+    results.write_curves_csv(curves, out / results.CURVE_CSV)
+    with_acr = {name: (rows, summaries[name]["acr"]) for name, rows in curves.items()}
+    results.plot_curves(with_acr, out / results.CURVE_PNG, title=f"digits, sigma={cfg.sigma:g}, n={cfg.certify.n}")
+
+
+def check_demo(cfg) -> None:
+    """The demo's options, before its first step trains anything: the model, sigma > 0 (it certifies
+    there), epochs and batch size >= 1, and certify.* as certify reads them."""
+    from omegaconf import OmegaConf
+
+    from peftsmooth.config import conf_dir, group_choices
+    from peftsmooth.engine import Settings
+
+    models = group_choices("model")
+    if str(cfg.model) not in models:
+        raise choice_error("model", cfg.model, models)
+    require(float(cfg.sigma) > 0, f"sigma={cfg.sigma} must be > 0 (the demo certifies at it), e.g. sigma=0.25")
+    for key in ("base_epochs", "lora_epochs", "batch_size"):
+        require(int(cfg[key]) >= 1, f"{key}={cfg[key]} must be >= 1")
+    Settings.from_config(OmegaConf.merge(OmegaConf.load(conf_dir() / "certify" / "cohen.yaml"), cfg.certify))
+
+
 def run_demo(cfg) -> dict:
+    check_demo(cfg)
     console = Console()
     out = output_dir()
     common = ["dataset=digits", f"model={cfg.model}", *cfg.model_overrides, f"seed={cfg.seed}", f"device={cfg.device}"]
@@ -55,15 +83,15 @@ def run_demo(cfg) -> dict:
     _peftsmooth(console, "4/4 certify the LoRA-adapted classifier",
                 ["certify", f"run={lora}", *certify])
 
+    compared = {"none (clean base)": (base, False), "lora": (lora, True)}
     rows = {}  # trainable params = what was trained to adapt to the noise (none for the clean base)
-    for name, run_dir, adapted in (("none (clean base)", base, False), ("lora", lora, True)):
+    for name, (run_dir, adapted) in compared.items():
         summary = read_json(_certify_dir(run_dir) / "summary.json")
         trainable = read_json(run_dir / "run.json").get("trainable_params") if adapted else 0
         rows[name] = {**summary, "trainable_params": trainable}
-    lora_cert = _certify_dir(lora)
-    shutil.copy(lora_cert / "summary.json", out / "summary.json")
-    shutil.copy(lora_cert / "curve.png", out / "curve.png")
+    shutil.copy(_certify_dir(lora) / "summary.json", out / "summary.json")
     write_json(out / "demo.json", rows)
+    _compare_curves(out, {name: _certify_dir(run_dir) for name, (run_dir, _) in compared.items()}, rows, cfg)
 
     radii = [r for r in ("0.25", "0.5") if r in next(iter(rows.values()))["certified_accuracy"]]
     table = Table(title=f"digits, sigma={cfg.sigma}, n={cfg.certify.n}")
@@ -73,8 +101,8 @@ def run_demo(cfg) -> dict:
         table.add_row(name, f"{row['trainable_params']:,}", f"{row['clean_accuracy']:.3f}",
                       *[f"{row['certified_accuracy'][r]:.3f}" for r in radii], f"{row['acr']:.3f}")
     console.print(table)
-    console.print(f"results: {out}/summary.json, {out}/curve.png, {out}/demo.json")
+    console.print(f"results: {out}/summary.json, {out}/curve.png, {out}/curve.csv, {out}/demo.json")
     return rows
 
 
-main = hydra_app("demo", run_demo)
+main = hydra_app("demo", run_demo, check=check_demo)

@@ -133,6 +133,31 @@ def denoiser_evaluator(test_set, sigma: float, settings, seed: int):
     return evaluate
 
 
+def check_denoise_baseline(cfg) -> None:
+    """Every check denoise-baseline makes before a model, data or the network (the CLI runs it before
+    Hydra starts): the denoiser's class, objective and init run, train.*, resume=, base= or the model."""
+    from hydra.utils import get_class
+
+    from peftsmooth.losses import build_objective
+    from peftsmooth.models import check_model_config
+    from peftsmooth.runs import check_resume, read_run_info
+    from peftsmooth.runtime import resolve_device
+    from peftsmooth.training import TrainSettings, check_precision
+
+    try:
+        trains = bool(getattr(get_class(str(cfg.denoiser._target_)), "trains", True))
+    except Exception as err:  # noqa: BLE001 - an unimportable _target_ is the user's to fix
+        raise UserError(f"denoiser._target_={cfg.denoiser.get('_target_')} cannot be imported ({err})") from None
+    if trains:
+        build_objective(str(cfg.denoiser.objective), "denoiser.objective")
+        check_precision(TrainSettings.from_cfg(cfg.train), resolve_device(cfg.device))
+    if cfg.denoiser.get("init"):
+        read_run_info(cfg.denoiser.init)
+    check_resume(cfg.get("resume"), "denoise-baseline")
+    if _base_info(cfg) is None:
+        check_model_config(cfg.model)
+
+
 def run_denoise_baseline(cfg) -> dict:
     from hydra.utils import instantiate
 
@@ -143,6 +168,7 @@ def run_denoise_baseline(cfg) -> dict:
     from peftsmooth.training import TrainSettings
 
     # --- everything that can be wrong is checked before any work
+    check_denoise_baseline(cfg)
     seed_everything(int(cfg.seed))  # the denoiser's initialization
     front = instantiate(cfg.denoiser)
     objective = build_objective(str(cfg.denoiser.objective), "denoiser.objective") if front.trains else None
@@ -207,4 +233,4 @@ def _train_or_evaluate(cfg, run, front, model, objective, settings, method: str)
     return result["metrics"], list(result["files"])
 
 
-main = hydra_app("denoise-baseline", run_denoise_baseline)
+main = hydra_app("denoise-baseline", run_denoise_baseline, check=check_denoise_baseline)

@@ -35,13 +35,18 @@ def _options(cfg) -> dict:
             "dataset": None if dataset is None else str(dataset)}
 
 
-def run_import(cfg) -> dict:
+def check_import(cfg) -> tuple[list[str], Path, import_logs.Imported]:
+    """The options and every log read and checked (nothing is written): the files, out and the import."""
     files = [str(f) for f in (cfg.get("files") or [])]
     require(bool(files), "files: give the Cohen-format logs to import, e.g. "
                          "`peftsmooth import sigma_0.25 method=cohen sigma=0.25`")
     options = _options(cfg)
     out = Path(str(cfg.out)).expanduser() if cfg.get("out") else import_logs.default_out(**options)
-    imported = import_logs.prepare(files, **options)
+    return files, out, import_logs.prepare(files, **options)
+
+
+def run_import(cfg) -> dict:
+    files, out, imported = check_import(cfg)
     if import_logs.already_there(out, imported):
         log.info("%s already holds this import (%d images); nothing changed", out, len(imported.rows))
         summary = results.read_summary(out)
@@ -54,4 +59,4 @@ def run_import(cfg) -> dict:
     return {"out": str(out), "summary": summary}
 
 
-main = hydra_app("import", run_import)
+main = hydra_app("import", run_import, check=check_import)

@@ -20,10 +20,15 @@ from peftsmooth.errors import require
 log = logging.getLogger(__name__)
 
 
-def run_merge(cfg) -> dict:
+def check_merge(cfg) -> list[Path]:
+    """The shard directories among dirs (each must exist), before any shard is read."""
     dirs = list(cfg.get("dirs") or [])
     require(bool(dirs), "dirs: give the shard directories to merge, e.g. `peftsmooth merge <certify dir>`")
-    shard_dirs = results.find_shards(dirs)
+    return results.find_shards(dirs)
+
+
+def run_merge(cfg) -> dict:
+    shard_dirs = check_merge(cfg)
     parents = {d.resolve().parent for d in shard_dirs}
     if cfg.get("out"):
         out = Path(str(cfg.out)).expanduser()
@@ -42,4 +47,4 @@ def run_merge(cfg) -> dict:
     return summary
 
 
-main = hydra_app("merge", run_merge)
+main = hydra_app("merge", run_merge, check=check_merge)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from peftsmooth.config import hydra_app
+from peftsmooth.config import _remove_if_unstarted, hydra_app, output_dir
 from peftsmooth.errors import UserError, require
 
 
@@ -24,15 +24,23 @@ def _radius_grid(cfg) -> list[float]:
     return values
 
 
+def check_report(cfg) -> tuple[list[str], list[float]]:
+    """The directories (each must exist) and the radius grid, before anything is read."""
+    from peftsmooth.report_table import check_dirs
+
+    dirs = [str(d) for d in (cfg.get("dirs") or [])]
+    require(bool(dirs), "dirs is empty: give the directories to scan, e.g. `peftsmooth report outputs/`")
+    check_dirs(dirs)
+    return dirs, _radius_grid(cfg)
+
+
 def run_report(cfg) -> dict:
     from rich.console import Console
 
     from peftsmooth.report import build_report, plot_report, rich_table, to_csv, to_markdown
     from peftsmooth.runtime import atomic_write_text
 
-    dirs = [str(d) for d in (cfg.get("dirs") or [])]
-    require(bool(dirs), "dirs is empty: give the directories to scan, e.g. `peftsmooth report outputs/`")
-    grid = _radius_grid(cfg)
+    dirs, grid = check_report(cfg)
     report = build_report(dirs, grid)
     require(bool(report.rows), f"dirs={dirs}: no runs found (no run.json, certify.tsv or summary.json below them)")
     out = Path(str(cfg.get("out") or dirs[0])).expanduser()
@@ -46,7 +54,8 @@ def run_report(cfg) -> dict:
         console = Console(width=max(console.width, 180))
     console.print(rich_table(report))
     console.print(f"wrote {files['markdown']}, {files['csv']}, {files['plot']}")
+    _remove_if_unstarted(output_dir())  # the results are in out; Hydra's directory holds nothing of them
     return {"rows": report.rows, "files": {k: str(v) for k, v in files.items()}}
 
 
-main = hydra_app("report", run_report)
+main = hydra_app("report", run_report, check=check_report)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any, NamedTuple
 
 from peftsmooth.config import hydra_app, hydra_choice
 from peftsmooth.errors import require
@@ -40,24 +41,52 @@ def resolve_model(cfg):
     return model_cfg, info.model_name or model_cfg.name, base
 
 
-def run_train(cfg) -> dict:
-    from peftsmooth.adapt import build_adaptation
-    from peftsmooth.data import build_dataset
-    from peftsmooth.losses import objective_from_cfg
-    from peftsmooth.runs import Run
-    from peftsmooth.runtime import resolve_device, seed_everything
-    from peftsmooth.training import TrainSettings, accuracy_evaluator
+class Checked(NamedTuple):
+    """What check_train found: the settings, the objective, the method and the model to start from."""
 
-    # ---- every check before any work
+    settings: Any
+    loss_name: str
+    objective: Any
+    adapt: Any
+    method: str
+    model_cfg: Any
+    model_name: str
+    base: Path | None
+
+
+def check_train(cfg) -> Checked:
+    """Every check train makes before a model, data or the network (the CLI runs it before Hydra
+    starts): train.*, the loss, the method, resume=, base= and the model's name and weight files."""
+    from peftsmooth.adapt import build_adaptation
+    from peftsmooth.losses import objective_from_cfg
+    from peftsmooth.models import check_model_config
+    from peftsmooth.runs import check_resume
+    from peftsmooth.runtime import resolve_device
+    from peftsmooth.training import TrainSettings, check_precision
+
     settings = TrainSettings.from_cfg(cfg.train)
     loss_name, objective = objective_from_cfg(cfg.train)
     adapt = build_adaptation(cfg.peft)
-    run = Run.open(cfg, "train", resolve_device(cfg.device), settings)
-    model_cfg, model_name, base = resolve_model(cfg)
     method = adapt.name or hydra_choice("peft", "custom")
     require(settings.epochs > 0 or not adapt.trains,
             f"train.epochs=0 with peft={method} would save an untrained adapter; give train.epochs >= 1, "
             f"or use peft=none to evaluate / certify the model as it is")
+    check_precision(settings, resolve_device(cfg.device))
+    check_resume(cfg.get("resume"), "train")
+    model_cfg, model_name, base = resolve_model(cfg)
+    check_model_config(model_cfg)
+    return Checked(settings, loss_name, objective, adapt, method, model_cfg, model_name, base)
+
+
+def run_train(cfg) -> dict:
+    from peftsmooth.data import build_dataset
+    from peftsmooth.runs import Run
+    from peftsmooth.runtime import resolve_device, seed_everything
+    from peftsmooth.training import accuracy_evaluator
+
+    # ---- every check before any work
+    settings, loss_name, objective, adapt, method, model_cfg, model_name, base = check_train(cfg)
+    run = Run.open(cfg, "train", resolve_device(cfg.device), settings)
 
     # ---- data (a missing dataset fails here, before anything is written)
     test_set = build_dataset(cfg.dataset, "test", augment=False)
@@ -111,4 +140,4 @@ def _fit(run, cfg, model, train_set, settings, objective, evaluate, adapt, metho
     return result["metrics"], result["files"]
 
 
-main = hydra_app("train", run_train)
+main = hydra_app("train", run_train, check=check_train)

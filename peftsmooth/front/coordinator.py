@@ -16,6 +16,7 @@ decoder is trained; the training code flattens its parameters into one vector fo
 
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 from typing import Callable
@@ -24,6 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from peftsmooth import hub
 from peftsmooth.errors import UserError, choice_error, require
 from peftsmooth.runtime import EvalPinned, freeze
 
@@ -90,13 +92,16 @@ class TimmEncoder(FrozenEncoder):
             pretrained = True
         if not timm.is_model(str(model).split(".")[0]):
             raise UserError(f"peft.coordinator.encoder.model={model} is not a timm model (see timm.list_models())")
-        try:
-            self.net = timm.create_model(str(model), pretrained=bool(pretrained), features_only=True,
-                                         out_indices=(int(stage),), **kwargs)
-        except (OSError, ConnectionError, RuntimeError) as err:
-            raise UserError(f"could not build the coordinator encoder {model} ({type(err).__name__}); offline, set "
-                            f"peft.coordinator.encoder.weights=/path/file.safetensors "
-                            f"or peft.coordinator.encoder.pretrained=false") from err
+        from_hub = bool(pretrained) and not weights
+        with hub.offline_unless_reachable() if from_hub else contextlib.nullcontext() as offline:
+            if offline is not None:  # no hub: the cached copy, or one line now (peftsmooth.hub)
+                hub.require_cached(str(model), "peft.coordinator.encoder", offline)
+            try:
+                self.net = timm.create_model(str(model), pretrained=bool(pretrained), features_only=True,
+                                             out_indices=(int(stage),), **kwargs)
+            except (OSError, ConnectionError, RuntimeError) as err:
+                raise hub.weights_error(f"the coordinator encoder {model}", "peft.coordinator.encoder",
+                                        offline or type(err).__name__) from err
         cfg = self.net.pretrained_cfg
         self.input_size = int(input_size) if input_size else None
         self.register_buffer("mean", torch.tensor(cfg["mean"]).view(1, -1, 1, 1), persistent=False)

@@ -1,0 +1,134 @@
+"""Before Hydra starts: every job's config composed and checked, so that a refused command creates nothing.
+
+`@hydra.main` creates the job's directory (and writes `.hydra/` and the log file there) before the
+command's code runs. So `peftsmooth COMMAND` composes the config of every job first (one for a single
+run, one per job of a `-m` sweep, see sweep_jobs) and runs the checks that need no model, data or network:
+`config.check_common` and the command's own check (registered by `config.hydra_app`). Only then is
+Hydra started. For a single run it also notes the deepest directory on the way to the run directory
+that exists already, so that a command refused later (a missing dataset, an unreachable hub) can
+remove the directories it created (`config._remove_if_unstarted`).
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import os
+from pathlib import Path
+
+from peftsmooth.errors import UserError
+
+# A sweep of more jobs than this is checked on a subset that still holds every swept value once.
+MAX_CHECKED_JOBS = 64
+
+
+def check_jobs(command: str, overrides: list[str], multirun: bool, checks: bool = True) -> None:
+    """Compose every job of `peftsmooth COMMAND overrides` and (with `checks`) check it (raises UserError)."""
+    from hydra import initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+
+    from peftsmooth.config import CHECKS, check_common, conf_dir, remember_run_dir
+
+    check = _command_check(command, CHECKS) if checks else None
+    jobs = sweep_jobs(overrides) if multirun else [list(overrides)]
+    saved = HydraConfig.instance().cfg  # checks resolve ${hydra:...}; leave Hydra's state as it was
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+            for job in jobs:
+                cfg = _compose(command, job)
+                HydraConfig.instance().set_config(cfg)
+                if not multirun:
+                    remember_run_dir(_run_dir(cfg))
+                if checks:
+                    task = _task_config(cfg)
+                    check_common(task)
+                    if check is not None:
+                        check(task)
+    finally:
+        HydraConfig.instance().cfg = saved
+
+
+def _command_check(command: str, checks: dict):
+    """The command's check, registered when its module is imported."""
+    from peftsmooth.cli import COMMANDS
+
+    importlib.import_module(COMMANDS[command][0])
+    return checks.get(command)
+
+
+def sweep_jobs(overrides: list[str]) -> list[list[str]]:
+    """The override lists of the jobs a basic-sweeper multirun launches; of more than MAX_CHECKED_JOBS,
+    those that bring a swept value no earlier one had (at most MAX_CHECKED_JOBS of them)."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(list(overrides))
+    except HydraException as err:
+        raise UserError(str(err).splitlines()[0]) from None
+    try:
+        jobs = BasicSweeper.split_arguments(parsed, None)[0]
+    except HydraException:  # e.g. interval() for another sweeper: check what all jobs share
+        return [[o.input_line for o in parsed if not o.is_sweep_override()]]
+    if len(jobs) <= MAX_CHECKED_JOBS:
+        return jobs
+    seen: set[str] = set()
+    chosen = []
+    for job in jobs:
+        if not set(job) <= seen:
+            chosen.append(job)
+            seen.update(job)
+    return chosen[:MAX_CHECKED_JOBS]  # the rest is checked when its job starts
+
+
+def _compose(command: str, job: list[str]):
+    """The job's config with its `hydra` node; without the hydra.* overrides if they alone fail
+    (e.g. a launcher plugin that is not installed: Hydra reports that itself)."""
+    from hydra import compose
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from peftsmooth.config import config_name
+
+    name = config_name(command)
+    plain = [o for o in job if not o.lstrip("+~").startswith("hydra")]
+    try:
+        return compose(config_name=name, overrides=job, return_hydra_config=True)
+    except (HydraException, OmegaConfBaseException) as err:
+        if plain == job:
+            raise compose_error(err) from None
+    try:
+        return compose(config_name=name, overrides=plain, return_hydra_config=True)
+    except (HydraException, OmegaConfBaseException) as err:
+        raise compose_error(err) from None
+
+
+def compose_error(err: Exception) -> UserError:
+    """Hydra's / OmegaConf's multi-line report as one line (its first line and its cause's)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    message = lines[0] if lines else type(err).__name__
+    cause = err.__cause__
+    if cause is not None and str(cause).strip():
+        message += " " + str(cause).strip().splitlines()[0]
+    return UserError(message)
+
+
+def _run_dir(cfg) -> Path | None:
+    """hydra.run.dir as Hydra will resolve it (the timestamp may still move on by a second)."""
+    from omegaconf import OmegaConf
+
+    try:
+        return Path(os.path.abspath(str(OmegaConf.select(cfg, "hydra.run.dir"))))
+    except Exception:  # noqa: BLE001 - an unresolvable run dir is Hydra's to report
+        return None
+
+
+def _task_config(cfg):
+    """The config the command's function receives: everything but the `hydra` node."""
+    from omegaconf import open_dict, read_write
+
+    task = copy.deepcopy(cfg)
+    with read_write(task), open_dict(task):
+        del task["hydra"]
+    return task
