@@ -6,9 +6,10 @@
     certify_into(out, certify_rows(g, dataset, todo, s, seed, batch_size), on_row=progress)
 
 A certification MODE is one entry of `MODES`: it turns (Smooth, one image, its seed, the settings) into
-the fields of the image's row (prediction, radius, samples). `cohen` (CERTIFY) and `predict` (PREDICT)
-and `sequential` (sequential CERTIFY) are registered below; a new mode subclasses `Mode`, checks its own certify.* keys in `read_options`,
-returns the row fields from `certify_one`, and registers itself with `@register("name")`.
+the fields of the image's row (prediction, radius, samples). `cohen` (CERTIFY), `predict` (PREDICT)
+and `sequential` (sequential CERTIFY) are registered below; a new mode subclasses `Mode`, checks its
+own certify.* keys in `read_options`, returns the row fields from `certify_one`, and registers itself
+with `@register("name")`.
 Every row carries `samples`: the forward passes spent on the image, selection samples included.
 """
 
@@ -126,8 +127,8 @@ class Predict(Mode):
 
 
 @register("sequential")
-class Sequential(Mode):
-    """Sequential CERTIFY (peftsmooth.sequential): CERTIFY's selection (packed like `cohen`), then
+class Sequential(Certify):
+    """Sequential CERTIFY (peftsmooth.sequential): CERTIFY's selection (packed, `Certify.group_size`), then
     estimation samples look by look up to certify.n_max, stopped as soon as the stopping rule
     (certify.stop) is settled; a time-uniform lower bound keeps the certificate's failure probability
     at alpha (validity rule 6)."""
@@ -154,9 +155,6 @@ class Sequential(Mode):
     def identity(self, s: Settings) -> dict[str, Any]:
         keys = ("stop", "radii", "max_radius_loss")
         return {**super().identity(s), **{k: s.options[k] for k in keys}}
-
-    def group_size(self, s: Settings, batch_size: int) -> int:
-        return selection_group(s.n0, batch_size, s.pack)
 
     def certify_group(self, g: Smooth, images: Sequence[Image], s: Settings, batch_size: int) -> Iterator[Outcome]:
         o = s.options
