@@ -39,7 +39,7 @@ from typing import Callable, Sequence
 import numpy as np
 from scipy.stats import norm
 
-from peftsmooth.results import read_tsv
+from peftsmooth.results import TSV_FILE, read_tsv
 from peftsmooth.sequential import DEFAULT_MAX_RADIUS_LOSS, FINAL_SHARE, UPPER_ALPHA, certify_sequential, look_plan
 from peftsmooth.stats import clopper_pearson_lower, radius
 
@@ -130,8 +130,8 @@ def model_outcomes(certify: Callable, images: Sequence, labels: Sequence[int], s
 
 def certified_outcomes(out: Path) -> Outcomes:
     """Outcomes of a certify directory: its rows, with the samples and time columns they carry."""
-    rows = read_tsv(Path(out) / "certify.tsv")
-    return Outcomes(np.array([bool(r["correct"]) and r["predict"] != -1 for r in rows]),
+    rows = read_tsv(Path(out) / TSV_FILE)  # the parser checks correct == (predict == label), never true on abstain
+    return Outcomes(np.array([bool(r["correct"]) for r in rows]),
                     np.array([float(r["radius"]) for r in rows]), np.array([int(r["samples"]) for r in rows]),
                     float(sum(float(r["time"]) for r in rows)))
 
