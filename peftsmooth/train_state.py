@@ -1,8 +1,9 @@
 """Checkpoint and resume for the training loop: one `TrainState` saves and restores everything.
 
 `checkpoint.pt` holds the trainable parameters and all buffers, the step object's state (optimizer,
-scheduler, grad scaler, or a zeroth-order method's own state as `hook`), the RNG states, the epoch
-and step counters and the config the run was started with. It is written atomically at the end of
+scheduler, grad scaler, or a zeroth-order method's own state as `hook`) and the schedule phase it
+belongs to (`phase`: lp / ft under train.schedule=lp_ft, else None), the RNG states, the epoch and
+step counters and the config the run was started with. It is written atomically at the end of
 every epoch (after `metrics.jsonl`) and read back with `torch.load(weights_only=True)`. A run resumes
 only with the same config, minus the keys in RESUME_FREE, which do not change the numbers.
 """
@@ -27,12 +28,19 @@ METRICS = "metrics.jsonl"
 
 # Config keys that may change between a run and its resumption (they do not change the numbers).
 RESUME_FREE = ("hydra", "resume", "device", "train.num_workers", "train.eval_batch_size", "train.tensorboard")
+# ... and the lp_ft keys under train.schedule=standard (so checkpoints made before they existed resume).
+LP_FT_KEYS = ("train.schedule", "train.lp_epochs", "train.lp_lr")
 
 
-def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The tensors training changes: parameters with requires_grad, and all buffers."""
+def trainable_names(model: nn.Module) -> set[str]:
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def trainable_state(model: nn.Module, names: set[str] | None = None) -> dict[str, torch.Tensor]:
+    """The tensors training changes: the parameters `names` (default: those with requires_grad), and
+    all buffers."""
     state = model.state_dict()
-    keep = {n for n, p in model.named_parameters() if p.requires_grad}
+    keep = trainable_names(model) if names is None else set(names)
     keep |= {n for n, _ in model.named_buffers()}
     return {k: v.detach().cpu().clone() for k, v in state.items() if k in keep}
 
@@ -52,22 +60,40 @@ def set_rng_state(state: dict) -> None:
 
 class TrainState:
     """The resumable state of one training run: `state_dict()` is the checkpoint, `load_state_dict`
-    restores it into the model and the step object (`FirstOrderStep` or `ZerothOrderStep`)."""
+    restores it into the model and the step object (`FirstOrderStep` or `ZerothOrderStep`).
 
-    def __init__(self, model: nn.Module, stepper: Any, config: Any = None):
-        self.model, self.stepper, self.config = model, stepper, config
+    The parameters checkpointed are those trainable when the state is made (before a phase of
+    train.schedule=lp_ft freezes some). The step object is the current phase's (`use`); a resumed
+    checkpoint's optimizer state goes into the step object of the phase it was saved in, and a
+    phase that starts after the resume point starts with a fresh one, as in an uninterrupted run."""
+
+    def __init__(self, model: nn.Module, stepper: Any = None, config: Any = None, phase: str | None = None):
+        self.model, self.stepper, self.config, self.phase = model, stepper, config, phase
+        self.trained = trainable_names(model)
         self.epoch = self.step = 0
         self.history: list[dict] = []   # one metrics record per completed epoch
+        self.pending: dict | None = None  # a resumed checkpoint's step state, until its phase's stepper exists
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "step": self.step, "model": trainable_state(self.model),
-                **self.stepper.state_dict(), "rng": rng_state(), "config": json.dumps(self.config, default=str)}
+        return {"epoch": self.epoch, "step": self.step, "model": trainable_state(self.model, self.trained),
+                **self.stepper.state_dict(), "phase": self.phase, "rng": rng_state(),
+                "config": json.dumps(self.config, default=str)}
+
+    def use(self, stepper: Any, phase: str | None) -> None:
+        """The step object of the phase about to train; it takes the resumed checkpoint's optimizer,
+        scheduler and scaler state if the checkpoint was saved in this phase."""
+        self.stepper, self.phase = stepper, phase
+        pending, self.pending = self.pending, None
+        if pending is not None and pending.get("phase") == phase:
+            stepper.load_state_dict(pending)
 
     def load_state_dict(self, checkpoint: dict, run_dir: Path) -> None:
         missing = set(checkpoint["model"]) - set(self.model.state_dict())
         require(not missing, f"cannot resume {run_dir}: checkpoint tensors {sorted(missing)[:3]} are not in the model")
         self.model.load_state_dict(checkpoint["model"], strict=False)
-        self.stepper.load_state_dict(checkpoint)
+        self.pending = checkpoint
+        if self.stepper is not None:
+            self.use(self.stepper, self.phase)
         if checkpoint.get("rng"):
             set_rng_state(checkpoint["rng"])
         self.epoch, self.step = int(checkpoint["epoch"]), int(checkpoint["step"])
@@ -115,10 +141,13 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
 
 
 def resume_fingerprint(cfg, free: tuple[str, ...] = RESUME_FREE) -> dict:
-    """The config a checkpoint must match to be resumed: `cfg` as plain data minus the `free` keys."""
+    """The config a checkpoint must match to be resumed: `cfg` as plain data minus the `free` keys
+    (and minus the lp_ft keys when train.schedule is standard: they change nothing then)."""
     from peftsmooth.runs import to_plain
 
     plain = to_plain(cfg)
+    if isinstance(plain, dict) and (plain.get("train") or {}).get("schedule", "standard") == "standard":
+        free = (*free, *LP_FT_KEYS)
     for dotted in free:
         node, *rest = dotted.split(".")
         if rest and isinstance(plain.get(node), dict):

@@ -30,6 +30,12 @@ write anything); `EpochPlan` sizes the epochs; a step object does the update of 
 accumulation and autocast; `ZerothOrderStep` for a method's own `training_step`); `TrainState`
 (peftsmooth.train_state) is what checkpoint.pt saves and a resumed run restores.
 
+Schedules (`settings.schedule`, peftsmooth.train_phases): `standard` trains every trainable
+parameter for all epochs with one step object; `lp_ft` trains only the classification head for the
+first `lp_epochs` epochs (phase `lp`, at `lp_lr`), then everything for the rest (phase `ft`, at `lr`),
+each phase with a fresh step object (AdamW, warm-up + cosine over the phase's own steps). Under
+lp_ft every metrics line has `phase` (lp / ft) and the checkpoint records it for the resume.
+
 Zeroth-order hook: when `step_hook` is given (a `peftsmooth.adapt.ZerothOrderAdaptation`, or any
 object with `training_step(model, x_noisy, y) -> dict`, `state_dict()` and `load_state_dict()`), no
 optimizer is built and the loop calls it once per micro-batch instead of backward/step. The dict
@@ -70,6 +76,7 @@ from peftsmooth.distributed import DistInfo, all_sum, barrier, init_distributed
 from peftsmooth.errors import UserError, choice_error, require
 from peftsmooth.losses import Batch, CrossEntropy, Objective, add_noise
 from peftsmooth.runtime import PRECISIONS, mix_seed
+from peftsmooth.train_phases import HeadOnly, Phase, check_schedule, phase_of, plan
 from peftsmooth.train_state import (CHECKPOINT, METRICS, TrainState, check_resume_config, read_checkpoint,
                                     read_metrics, resume_fingerprint, write_metrics)
 from peftsmooth.train_steps import FirstOrderStep, StepResult, TrainingStep, ZerothOrderStep, autocast
@@ -103,6 +110,9 @@ class TrainSettings:
     max_eval: Optional[int] = None    # evaluate on the first max_eval test images only
     eval_every: int = 1               # evaluate every N epochs (and always after the last)
     tensorboard: bool = False         # also write TensorBoard event files into the run directory
+    schedule: str = "standard"        # standard | lp_ft (head only for lp_epochs, then all; train_phases)
+    lp_epochs: int = 2                # lp_ft: the first lp_epochs of `epochs` train only the head
+    lp_lr: float = 1e-2               # lp_ft: the head-only phase's lr (linear probing's, whatever the method)
 
     @classmethod
     def from_cfg(cls, cfg: Any) -> "TrainSettings":
@@ -129,6 +139,7 @@ class TrainSettings:
         if self.precision not in PRECISIONS:
             raise choice_error("train.precision", self.precision, PRECISIONS)
         check_tensorboard(bool(self.tensorboard))
+        check_schedule(self)
 
 
 def preflight(run_dir: str | Path, config: Any, device: torch.device,
@@ -317,25 +328,28 @@ def fit(model: nn.Module, train_set: Dataset, *, sigma: float, settings: TrainSe
     dist_info = dist_info or init_distributed(device or _model_device(model))
     checkpoint = preflight(run_dir, config, dist_info.device, settings)
     loop = _Loop(model, train_set, sigma, settings, seed, dist_info, objective, step_hook)
-    state = TrainState(model, loop.stepper, config)
+    state = TrainState(model, None, config)
     if checkpoint is not None:
         state.resume(checkpoint, run_dir, announce=dist_info.is_main)
     started = time.time()
     show = (sys.stderr.isatty() if progress is None else progress) and dist_info.is_main
     watch = (TrainingWatch(run_dir, tensorboard=settings.tensorboard, resumed_epoch=state.epoch)
              if dist_info.is_main else None)
-    with _progress(show) as bar:
-        for epoch in range(state.epoch + 1, settings.epochs + 1):
-            t0 = time.time()
-            record = loop.train_epoch(epoch, state, bar, f"{describe} epoch {epoch}/{settings.epochs}")
-            if evaluate is not None and (epoch % settings.eval_every == 0 or epoch == settings.epochs):
-                record.update(evaluate(model, dist_info))
-            record["time"] = round(time.time() - t0, 3)
-            state.end_epoch(record, run_dir, write=dist_info.is_main)
-            if watch is not None:
-                _log_epoch(record, settings.epochs)
-                watch.epoch(state.history)
-            barrier(dist_info)
+    try:
+        with _progress(show) as bar:
+            for epoch in range(state.epoch + 1, settings.epochs + 1):
+                t0 = time.time()
+                record = loop.train_epoch(epoch, state, bar, describe)
+                if evaluate is not None and (epoch % settings.eval_every == 0 or epoch == settings.epochs):
+                    record.update(evaluate(model, dist_info))
+                record["time"] = round(time.time() - t0, 3)
+                state.end_epoch(record, run_dir, write=dist_info.is_main)
+                if watch is not None:
+                    _log_epoch(record, settings.epochs)
+                    watch.epoch(state.history)
+                barrier(dist_info)
+    finally:
+        loop.release()
     if watch is not None:
         watch.close(state.history)
     files = list(save(model, run_dir) or []) if dist_info.is_main and save is not None else []
@@ -350,13 +364,17 @@ def _log_epoch(record: dict, epochs: int) -> None:
 
 
 class _Loop:
-    """The model, its data and its step object, checked and sized once; `train_epoch` runs one epoch."""
+    """The model, its data and its phases, checked and sized once; `train_epoch` runs one epoch with
+    the step object of the epoch's phase (peftsmooth.train_phases: one phase unless lp_ft)."""
 
     def __init__(self, model: nn.Module, train_set: Dataset, sigma: float, settings: TrainSettings, seed: int,
                  dist_info: DistInfo, objective: Objective | None, step_hook: TrainingStep | None):
         zeroth_order = step_hook is not None
         require(not (zeroth_order and dist_info.world_size > 1),
                 "a training_step (zeroth-order) method runs in one process: start it without torchrun")
+        require(not (zeroth_order and settings.schedule != "standard"),
+                f"train.schedule={settings.schedule} needs gradients: a training_step (zeroth-order) method "
+                f"trains with train.schedule=standard only")
         model.to(dist_info.device)
         require(zeroth_order or any(p.requires_grad for p in model.parameters()) or settings.epochs == 0,
                 "nothing to train: the model has no trainable parameters (use peft=none to certify it as it is)")
@@ -364,17 +382,42 @@ class _Loop:
         self.plan = EpochPlan.of(len(train_set), settings, dist_info.world_size, accum)
         self.model, self.train_set, self.sigma, self.settings = model, train_set, sigma, settings
         self.seed, self.dist_info = seed, dist_info
-        self.stepper = (ZerothOrderStep(model, step_hook) if zeroth_order else
-                        FirstOrderStep(model, objective or CrossEntropy(), settings, dist_info, self.plan.steps))
+        self.objective, self.step_hook = objective or CrossEntropy(), step_hook
+        self.phases = plan(settings)
+        self.head = HeadOnly(model) if any(p.head_only for p in self.phases) else None
+        self.phase: Phase | None = None
+        self.stepper: FirstOrderStep | ZerothOrderStep | None = None
 
-    def train_epoch(self, epoch: int, state: TrainState, bar, description: str) -> dict:
+    def enter(self, epoch: int, state: TrainState) -> None:
+        """Before `epoch`: on a new phase, its trainable parameters and a fresh step object (optimizer
+        and lr schedule over the phase's steps), which takes a resumed checkpoint's state if it was
+        saved in that phase."""
+        phase = phase_of(self.phases, epoch)
+        if phase is self.phase:
+            return
+        self.phase = phase
+        if self.head is not None:
+            self.head.set(phase.head_only)
+        self.stepper = (ZerothOrderStep(self.model, self.step_hook) if self.step_hook is not None else
+                        FirstOrderStep(self.model, self.objective, phase.settings, self.dist_info, self.plan.steps))
+        state.use(self.stepper, phase.name)
+
+    def release(self) -> None:
+        """After training (or on an error): every parameter the method trains has requires_grad again."""
+        if self.head is not None:
+            self.head.set(False)
+
+    def train_epoch(self, epoch: int, state: TrainState, bar, describe: str) -> dict:
         """One epoch of updates (re-seeded from (seed, epoch, rank)); returns its metrics line."""
+        self.enter(epoch, state)
         dist_info, device = self.dist_info, self.dist_info.device
         epoch_seed = _seed_epoch(self.seed, epoch, dist_info.rank)
         loader = _epoch_loader(self.train_set, self.plan.per_rank, self.settings, self.seed, epoch, epoch_seed,
                                dist_info)
         self.stepper.begin_epoch()
-        task = bar.add_task(description, total=self.plan.steps, stats="")
+        name = self.phase.name
+        task = bar.add_task(f"{describe} epoch {epoch}/{self.settings.epochs}" + (f" ({name})" if name else ""),
+                            total=self.plan.steps, stats="")
         tally, done = EpochTally(), 0
         for x, y in loader:
             if done >= self.plan.steps:
@@ -387,4 +430,5 @@ class _Loop:
                 state.step += 1
                 bar.update(task, advance=1, stats=tally.stats())
         bar.remove_task(task)
-        return tally.record(epoch, state.step, self.stepper.lr, dist_info)
+        record = tally.record(epoch, state.step, self.stepper.lr, dist_info)
+        return record if name is None else {"epoch": record.pop("epoch"), "phase": name, **record}

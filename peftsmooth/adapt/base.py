@@ -7,6 +7,8 @@ loop call only what is defined here, so a new method overrides what differs and 
   load(classifier, run_dir)  -> the trained model rebuilt from a run directory (required)
   save(model, run_dir)       -> writes its weights, returns the file names (default: nothing to save)
   name, trains               -> run.json's `method`; whether anything trains (default: yes)
+  no_lp_ft                   -> why train.schedule=lp_ft does not apply (default None: it does;
+                                the method trains the classification head and something else)
   trained_names(model)       -> the parameters that train (default: those with requires_grad)
   extra_run_info()           -> fields added to run.json (default: none)
   before_certify(model)      -> (the model to certify, what was changed), e.g. an exact adapter merge
@@ -32,6 +34,7 @@ class Adaptation:
     name: str | None = None      # None: the Hydra choice of `peft` names the method
     trains: bool = True          # False: nothing to train, the command only evaluates
     zeroth_order: bool = False   # True for a ZerothOrderAdaptation (trains without backward)
+    no_lp_ft: str | None = None  # why train.schedule=lp_ft does not apply (None: it does)
 
     def apply(self, classifier: nn.Module) -> nn.Module:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -77,6 +80,7 @@ class NoAdaptation(Adaptation):
 
     name = "none"
     trains = False
+    no_lp_ft = "it trains nothing"
 
     def apply(self, classifier: nn.Module) -> nn.Module:
         return freeze(classifier)

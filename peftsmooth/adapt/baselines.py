@@ -20,6 +20,7 @@ class LinearProbe(ModuleAdaptation):
 
     name = "linear"
     weights_file = "head.safetensors"
+    no_lp_ft = "it trains only the head already (lp_ft would be linear probing twice)"
 
     def insert(self, classifier: nn.Module) -> None:
         return None

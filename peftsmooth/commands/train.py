@@ -62,6 +62,7 @@ def check_train(cfg) -> Checked:
     from peftsmooth.models import check_model_config
     from peftsmooth.runs import check_resume
     from peftsmooth.runtime import resolve_device
+    from peftsmooth.train_phases import check_method
     from peftsmooth.training import TrainSettings, check_precision
 
     settings = TrainSettings.from_cfg(cfg.train)
@@ -71,6 +72,7 @@ def check_train(cfg) -> Checked:
     require(settings.epochs > 0 or not adapt.trains,
             f"train.epochs=0 with peft={method} would save an untrained adapter; give train.epochs >= 1, "
             f"or use peft=none to evaluate / certify the model as it is")
+    check_method(settings, adapt, method)
     check_precision(settings, resolve_device(cfg.device))
     check_resume(cfg.get("resume"), "train")
     model_cfg, model_name, base = resolve_model(cfg)
@@ -82,6 +84,7 @@ def run_train(cfg) -> dict:
     from peftsmooth.data import build_dataset
     from peftsmooth.runs import Run
     from peftsmooth.runtime import resolve_device, seed_everything
+    from peftsmooth.train_phases import schedule_info
     from peftsmooth.training import accuracy_evaluator
 
     # ---- every check before any work
@@ -97,7 +100,7 @@ def run_train(cfg) -> dict:
     classifier = run.build_classifier(model_cfg, cfg.dataset)
     model = adapt.apply(classifier)
     run.start(_run_info(cfg, adapt, method, model_cfg, model_name, base, classifier, model,
-                        loss=loss_name if adapt.trains else None))
+                        loss=loss_name if adapt.trains else None, schedule=schedule_info(settings)))
     evaluate = accuracy_evaluator(test_set, float(cfg.sigma), settings, int(cfg.seed))
     if adapt.trains:
         metrics, files = _fit(run, cfg, model, train_set, settings, objective, evaluate, adapt, method)
@@ -114,7 +117,8 @@ def run_train(cfg) -> dict:
             **{k: v for k, v in metrics.items() if k in ("epoch", "loss", "clean_acc", "noisy_acc")}}
 
 
-def _run_info(cfg, adapt, method: str, model_cfg, model_name: str, base: Path | None, classifier, model, loss):
+def _run_info(cfg, adapt, method: str, model_cfg, model_name: str, base: Path | None, classifier, model, loss,
+              schedule: dict):
     """run.json's fields for this run (command, argv and files are the lifecycle's)."""
     from peftsmooth.models import count_parameters
     from peftsmooth.runs import RunInfo
@@ -126,7 +130,7 @@ def _run_info(cfg, adapt, method: str, model_cfg, model_name: str, base: Path | 
         num_classes=int(cfg.dataset.num_classes), image_size=list(cfg.dataset.image_size),
         input_size=int(classifier.input_size), sigma=float(cfg.sigma), adapt=cfg.peft, front=None,
         base=str(base) if base else None, trainable_params=trainable, total_params=total, seed=int(cfg.seed),
-        loss=loss, train=cfg.train, **adapt.extra_run_info())
+        loss=loss, train=cfg.train, schedule=schedule, **adapt.extra_run_info())
 
 
 def _fit(run, cfg, model, train_set, settings, objective, evaluate, adapt, method: str) -> tuple[dict, list]:

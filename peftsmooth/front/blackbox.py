@@ -95,6 +95,7 @@ class _CoordinatorAdaptation(Adaptation):
 
     name = "coordinator"
     trains = True
+    no_lp_ft = "it trains a front module before a sealed classifier, not the classification head"
 
     def __init__(self, num_classes: int, image_size, coordinator: dict | None = None, seed: int = 0, **_):
         require(int(num_classes) >= 2, f"num_classes={num_classes} must be >= 2")
