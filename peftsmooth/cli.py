@@ -23,11 +23,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "report": ("peftsmooth.commands.report", "gather runs into one comparison table and plot"),
     "merge": ("peftsmooth.commands.merge", "merge certify shards into one certify.tsv and summary.json"),
     "import": ("peftsmooth.commands.import_logs", "Cohen-format logs of other tools as certifications report lists"),
+    "combine": ("peftsmooth.commands.combine", "mix the adapters of runs of one base classifier into a new run (or an ensemble)"),
     "demo": ("peftsmooth.commands.demo", "embedded end-to-end demo on scikit-learn digits (CPU, no download)"),
 }
 
 # Commands whose bare (non key=value) arguments are collected into a list-valued key.
-POSITIONAL_KEY = {"report": "dirs", "merge": "dirs", "import": "files"}
+POSITIONAL_KEY = {"report": "dirs", "merge": "dirs", "import": "files", "combine": "runs"}
 # Keys a command takes under the name of a config group it does not use (Hydra would read `model=`
 # as a choice of conf/model/): `peftsmooth import model=resnet110` -> `model_name=resnet110`.
 KEY_ALIASES = {"import": {"model": "model_name", "dataset": "dataset_name"}}

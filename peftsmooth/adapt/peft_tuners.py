@@ -135,10 +135,12 @@ EXACT_MERGE = {"LORA", "LOHA", "LOKR", "IA3", "OFT", "BOFT", "VERA"}
 
 def merge_exact(model: nn.Module) -> tuple[nn.Module, list[str]]:
     """Fold the peft adapters whose merge is exact (LoRA-type) into the weights, wherever they sit in
-    `model` (the whole model or a submodule); returns the model and the methods merged."""
+    `model` (the whole model or a submodule); returns the model and the methods merged. A model
+    holding several adapters (an ensemble, peftsmooth.library.ensemble) stays as it is: merge_and_unload
+    would fold the active one and drop the others."""
 
     def exact_kinds(m: nn.Module) -> set[str] | None:
-        if not (hasattr(m, "merge_and_unload") and hasattr(m, "peft_config")):
+        if not (hasattr(m, "merge_and_unload") and hasattr(m, "peft_config")) or len(m.peft_config) != 1:
             return None
         kinds = {str(getattr(c.peft_type, "value", c.peft_type)).upper() for c in m.peft_config.values()}
         return kinds if kinds <= EXACT_MERGE else None
