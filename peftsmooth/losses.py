@@ -1,15 +1,19 @@
 """Training objectives, the protocol every objective follows, and the one registry of them.
 
 An objective is a callable `(model, batch) -> (loss, logits or None)`; `batch` is a `Batch` (clean x,
-one noisy copy x_noisy, labels y, sigma, `noisy()` for more copies). Two config keys choose one by
+one noisy copy x_noisy, labels y, sigma, `noisy()` for more copies, and `progress`: where training
+stands, for objectives with a schedule). Two config keys choose one by
 name through `OBJECTIVES`: `train.loss` (the noisy classifier, options in `train.<loss>`) and
 `denoiser.objective` (a denoiser in front of a frozen classifier, trained by denoise-baseline: the
 model is a `peftsmooth.front.denoisers.DenoisedClassifier`). Unknown names list the known ones.
+The robust objectives on the smoothed classifier (MACER, SmoothAdv) are in peftsmooth.robust_losses.
+Extra noisy copies come from torch's global stream, which the training loop seeds every epoch, so a
+resumed run draws what the uninterrupted one drew.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 import torch
@@ -17,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from peftsmooth.errors import choice_error, require
+from peftsmooth.robust_losses import Macer, SmoothAdv
 
 
 def add_noise(x: torch.Tensor, sigma: float, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -29,14 +34,32 @@ def add_noise(x: torch.Tensor, sigma: float, generator: torch.Generator | None =
     return x + sigma * noise.to(x.device)
 
 
+@dataclass(frozen=True)
+class Progress:
+    """Where training stands when a micro-batch is computed, for objectives with a schedule (e.g.
+    SmoothAdv's epsilon warm-up). `step`: the 0-based global index of the optimizer step the
+    micro-batch contributes to (the updates made before it, over every phase; checkpointed, so a
+    resumed run sees the same values); `steps_per_epoch`: the updates of an epoch."""
+
+    step: int = 0
+    steps_per_epoch: int = 1
+
+    @property
+    def epochs(self) -> float:
+        """Epochs of training done once this step is made."""
+        return (self.step + 1) / self.steps_per_epoch
+
+
 @dataclass
 class Batch:
-    """One micro-batch: clean (augmented) images, their noisy copy, labels and the noise level."""
+    """One micro-batch: clean (augmented) images, their noisy copy, labels, the noise level, and where
+    training stands (the training loop fills it in; Progress() when an objective is called alone)."""
 
     x: torch.Tensor
     x_noisy: torch.Tensor
     y: torch.Tensor
     sigma: float
+    progress: Progress = field(default_factory=Progress)
 
     def noisy(self) -> torch.Tensor:
         """Another independent noisy copy x + sigma * N(0, I)."""
@@ -119,7 +142,7 @@ class Classification:
 
 # Every objective, by the config key that chooses it, then by name: a class built with the options.
 OBJECTIVES: dict[str, dict[str, Callable[..., Objective]]] = {
-    "train.loss": {"ce": CrossEntropy, "consistency": Consistency},
+    "train.loss": {"ce": CrossEntropy, "consistency": Consistency, "macer": Macer, "smoothadv": SmoothAdv},
     "denoiser.objective": {"mse": DenoiserMSE, "stability": Stability, "classification": Classification},
 }
 

@@ -30,6 +30,8 @@ METRICS = "metrics.jsonl"
 RESUME_FREE = ("hydra", "resume", "device", "train.num_workers", "train.eval_batch_size", "train.tensorboard")
 # ... and the lp_ft keys under train.schedule=standard (so checkpoints made before they existed resume).
 LP_FT_KEYS = ("train.schedule", "train.lp_epochs", "train.lp_lr")
+# ... and the options of the robust losses other than train.loss (they change nothing then).
+ROBUST_LOSS_KEYS = ("train.macer", "train.smoothadv")
 
 
 def trainable_names(model: nn.Module) -> set[str]:
@@ -142,12 +144,16 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
 
 def resume_fingerprint(cfg, free: tuple[str, ...] = RESUME_FREE) -> dict:
     """The config a checkpoint must match to be resumed: `cfg` as plain data minus the `free` keys
-    (and minus the lp_ft keys when train.schedule is standard: they change nothing then)."""
+    (and minus the lp_ft keys when train.schedule is standard, and the robust losses' options unless
+    train.loss is that loss: they change nothing then)."""
     from peftsmooth.runs import to_plain
 
     plain = to_plain(cfg)
     if isinstance(plain, dict) and (plain.get("train") or {}).get("schedule", "standard") == "standard":
         free = (*free, *LP_FT_KEYS)
+    if isinstance(plain, dict):
+        loss = (plain.get("train") or {}).get("loss", "ce")
+        free = (*free, *(key for key in ROBUST_LOSS_KEYS if key != f"train.{loss}"))
     for dotted in free:
         node, *rest = dotted.split(".")
         if rest and isinstance(plain.get(node), dict):

@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from peftsmooth.distributed import DistInfo
-from peftsmooth.losses import Batch, Objective
+from peftsmooth.losses import Batch, Objective, Progress
 from peftsmooth.runtime import PRECISIONS
 
 if TYPE_CHECKING:
@@ -114,12 +114,13 @@ class FirstOrderStep:
         if self.optimizer is not None:
             self.optimizer.zero_grad(set_to_none=True)
 
-    def __call__(self, x: torch.Tensor, x_noisy: torch.Tensor, y: torch.Tensor, sigma: float) -> StepResult:
+    def __call__(self, x: torch.Tensor, x_noisy: torch.Tensor, y: torch.Tensor, sigma: float,
+                 progress: Progress | None = None) -> StepResult:
         self.micro += 1
         last = self.micro == self.accum
         with self.train_model.no_sync() if (self.ddp and not last) else nullcontext():
             with autocast(self.device, self.autocast_dtype):
-                loss, logits = self.objective(self.train_model, Batch(x, x_noisy, y, sigma))
+                loss, logits = self.objective(self.train_model, Batch(x, x_noisy, y, sigma, progress or Progress()))
             self.scaler.scale(loss / self.accum).backward()
         correct = None if logits is None else float((logits.detach().argmax(1) == y).sum())
         if last:
@@ -163,7 +164,8 @@ class ZerothOrderStep:
     def begin_epoch(self) -> None:
         self.model.train()
 
-    def __call__(self, x: torch.Tensor, x_noisy: torch.Tensor, y: torch.Tensor, sigma: float) -> StepResult:
+    def __call__(self, x: torch.Tensor, x_noisy: torch.Tensor, y: torch.Tensor, sigma: float,
+                 progress: Progress | None = None) -> StepResult:
         out = dict(self.method.training_step(self.model, x_noisy, y))
         loss = float(out.pop("loss"))
         correct = float(out.pop("correct")) if "correct" in out else None

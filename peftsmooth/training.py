@@ -22,7 +22,9 @@ frozen classifier) and the black-box method (zeroth-order steps). What varies is
 Each optimizer step sees `x_noisy = x + sigma * N(0, I)`: the noise is added here, in native pixel
 space, after the dataset's augmentation, a fresh draw every step (validity rule 1 in
 docs/architecture.md). `Batch` (peftsmooth.losses) gives an objective the clean batch too
-(`batch.x`), and `batch.noisy()` draws another independent noisy copy.
+(`batch.x`), `batch.noisy()` draws another independent noisy copy, and `batch.progress`
+(peftsmooth.losses.Progress) says which global optimizer step it is, for objectives with a
+schedule (SmoothAdv's epsilon warm-up).
 
 The parts: `preflight` makes every check before any work (the commands call it too, before they
 write anything); `EpochPlan` sizes the epochs; a step object does the update of one micro-batch
@@ -74,7 +76,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from peftsmooth.distributed import DistInfo, all_sum, barrier, init_distributed
 from peftsmooth.errors import UserError, choice_error, require
-from peftsmooth.losses import Batch, CrossEntropy, Objective, add_noise
+from peftsmooth.losses import Batch, CrossEntropy, Objective, Progress, add_noise
 from peftsmooth.runtime import PRECISIONS, mix_seed
 from peftsmooth.train_phases import HeadOnly, Phase, check_schedule, phase_of, plan
 from peftsmooth.train_state import (CHECKPOINT, METRICS, TrainState, check_resume_config, read_checkpoint,
@@ -423,7 +425,8 @@ class _Loop:
             if done >= self.plan.steps:
                 break
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            result = self.stepper(x, add_noise(x, self.sigma), y, self.sigma)
+            progress = Progress(state.step, self.plan.steps)  # the global step, for objectives' schedules
+            result = self.stepper(x, add_noise(x, self.sigma), y, self.sigma, progress)
             tally.add(result, len(y))
             if result.stepped:
                 done += 1

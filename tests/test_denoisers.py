@@ -140,7 +140,7 @@ def test_denoiser_trains_as_the_classifiers_front():
     assert torch.equal(model(x), backbone(base.preprocess(denoiser(x)))) and torch.equal(model(x), wrapped(denoiser(x)))
     assert torch.equal(model(x, part="classifier"), wrapped(x))
     assert sorted(OBJECTIVES) == ["denoiser.objective", "train.loss"]
-    assert sorted(OBJECTIVES["train.loss"]) == ["ce", "consistency"]
+    assert sorted(OBJECTIVES["train.loss"]) == ["ce", "consistency", "macer", "smoothadv"]
 
 
 # --------------------------------------------------------------------------- sigma -> timestep
