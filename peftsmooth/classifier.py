@@ -30,7 +30,8 @@ def load_classifier(cfg) -> tuple[nn.Module, dict]:
                     f"(run={cfg.run})")
         source = {"run": str(Path(str(cfg.run)).expanduser().resolve()), "method": info.get("method"),
                   "model_name": info.get("model_name"), "trainable_params": info.get("trainable_params"),
-                  "sigma_train": info.get("sigma"), "num_classes": int(info["num_classes"])}
+                  "sigma_train": info.get("sigma"), "num_classes": int(info["num_classes"]),
+                  "quantized": info.get("quantized")}  # a dequantized adapter is what is certified
     else:
         dataset = cfg.dataset
         model = freeze(build_classifier(cfg.model, int(dataset.num_classes), list(dataset.image_size)).eval())

@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "report": ("peftsmooth.commands.report", "gather runs into one comparison table and plot"),
     "merge": ("peftsmooth.commands.merge", "merge certify shards into one certify.tsv and summary.json"),
     "import": ("peftsmooth.commands.import_logs", "Cohen-format logs of other tools as certifications report lists"),
+    "quantize": ("peftsmooth.commands.quantize", "a trained adapter stored at 8/4/2/1 bits, as a run certify certifies"),
     "combine": ("peftsmooth.commands.combine", "mix the adapters of runs of one base classifier into a new run (or an ensemble)"),
     "demo": ("peftsmooth.commands.demo", "embedded end-to-end demo on scikit-learn digits (CPU, no download)"),
 }

@@ -72,7 +72,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "format": _INT, "created": _TEXT, "command": _TEXT, "method": _TEXT, "model": (dict,), "model_name": _TEXT,
     "dataset": (dict,), "num_classes": _INT, "image_size": (list,), "input_size": _INT, "sigma": _NUMBER,
     "adapt": (dict,), "front": (dict,), "base": _TEXT, "trainable_params": _INT, "total_params": _INT,
-    "files": (list,), "argv": (str, list), "seed": _INT, "finished": (bool,),
+    "files": (list,), "argv": (str, list), "seed": _INT, "finished": (bool,), "quantized": (dict,),
 }
 REQUIRED = ("model", "num_classes", "image_size")
 
@@ -105,6 +105,7 @@ class RunInfo(Mapping):
     argv: str | list | None = None                   # the command line (a list in older runs)
     seed: int | None = None
     finished: bool | None = None
+    quantized: dict | None = None                    # `peftsmooth quantize`: bits, source, sizes
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:

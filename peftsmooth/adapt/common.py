@@ -75,8 +75,12 @@ class ModuleAdaptation(Adaptation):
         path = Path(run_dir) / self.weights_file
         if not path.is_file():
             raise UserError(f"run={run_dir} has no {self.weights_file} (was the training finished?)")
+        return self.load_state(classifier, load_state_dict_file(path), path)
+
+    def load_state(self, classifier: nn.Module, state: dict, path: Path) -> nn.Module:
+        """The method on a fresh classifier with its tensors from `state` (read from `path`; a
+        quantized run passes the dequantized tensors, peftsmooth.library.quantize)."""
         model = self.apply(classifier)
-        state = load_state_dict_file(path)
         missing = sorted(self.trained_names(model) - set(state))
         result = model.load_state_dict(state, strict=False)
         if missing or result.unexpected_keys:

@@ -86,7 +86,8 @@ def run_certify(cfg) -> dict:
             "device": str(dist.device), "device_name": _device_name(dist.device), "batch_size": batch_size,
             "compile": s.compile and compile_error is None, "compile_error": compile_error,
             "compile_mode": s.compile_mode if s.compile else None, "channels_last": s.channels_last,
-            "merged_adapters": merged, "pack": s.pack, "num_planned": len(indices), "argv": " ".join(sys.argv),
+            "merged_adapters": merged, **({"quantized": source["quantized"]} if source.get("quantized") else {}),
+            "pack": s.pack, "num_planned": len(indices), "argv": " ".join(sys.argv),
             **({"shard": s.shard, "num_shards": s.num_shards} if s.num_shards > 1 else {})}
     done = {r["idx"] for r in rows}
     todo = [i for i in indices if i not in done]
