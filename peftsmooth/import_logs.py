@@ -18,17 +18,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 from peftsmooth import results, tsv
 from peftsmooth.errors import UserError, require
-from peftsmooth.runtime import _umask
+from peftsmooth.runtime import atomic_directory
 
 IMPORTS_DIR = "imports"  # default parent of imported certifications, in the working directory
 RADIUS_GRID = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 3.5, 4.0)  # certify's default
@@ -97,14 +94,7 @@ def already_there(out: Path, imported: Imported) -> bool:
 def write(out: Path, imported: Imported) -> dict:
     """The certification directory, complete or not at all: built in a hidden sibling (report skips
     hidden directories), then renamed into place."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_directory(out) as tmp:
         (tmp / results.TSV_FILE).write_text(imported.text)
         summary = results.write_results(tmp, imported.rows, RADIUS_GRID, **imported.meta)
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; the directory follows the umask
-        os.replace(tmp, out)  # onto a missing or empty directory only
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return summary

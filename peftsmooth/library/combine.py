@@ -19,10 +19,8 @@ Hydra starts); `write_run` builds the run in a hidden temporary directory beside
 from __future__ import annotations
 
 import math
-import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -97,9 +95,10 @@ def _options(cfg, combination: str, count: int) -> dict:
                 f"svd_rank={svd_rank} must be a positive integer (the combined adapter's rank)")
         options["svd_rank"] = int(svd_rank)
     if combination in DENSITY:
+        require(density is not None, f"combination={combination} needs density= (the fraction of each adapter's "
+                                      f"values kept, 0 < density <= 1), e.g. density=0.5")
         require(isinstance(density, (int, float)) and not isinstance(density, bool) and 0 < density <= 1,
-                f"density={density}: combination={combination} needs the fraction of values kept, 0 < density <= 1, "
-                f"e.g. density=0.5")
+                f"density={density} must be a number in (0, 1] (the fraction of each adapter's values kept)")
         options["density"] = float(density)
     else:
         require(density is None, f"density={density} is for combination={'|'.join(DENSITY)} only")
@@ -165,18 +164,10 @@ def default_out(sources: list, weights: list[float], combination: str) -> Path:
 
 def write_run(p: Plan):
     """Build the run in a hidden sibling of out, load it back, rename it into place; its RunInfo."""
-    from peftsmooth.runtime import _umask
+    from peftsmooth.runtime import atomic_directory
 
-    p.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{p.out.name}.", dir=p.out.parent))
-    try:
-        info = _build(p, tmp)
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; the directory follows the umask
-        os.replace(tmp, p.out)  # onto a missing or empty directory only
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return info
+    with atomic_directory(p.out) as tmp:
+        return _build(p, tmp)
 
 
 def _build(p: Plan, tmp: Path):
