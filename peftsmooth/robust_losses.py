@@ -13,6 +13,19 @@ follow the authors' released code, whose formulas and normalisation are reproduc
 
 An objective that follows a schedule reads `batch.progress` (peftsmooth.losses.Progress: the global
 optimizer step, restored on resume), e.g. SmoothAdv's epsilon warm-up.
+
+Where we differ from the authors' code, and why:
+- Copies are laid out copy-major (k blocks of n images), theirs image-major: the same sums.
+- MACER drops the images left out of the hinge with masks instead of boolean indexing (no host
+  sync), with stand-in probabilities so their inf margin puts no nan into the gradient; the kept
+  set and the value are theirs.
+- SmoothAdv's zero-gradient fallback draws its normal direction every step (used only where the
+  gradient is 0), so the stream's use does not depend on the data; the projection onto the ball is
+  exact (torch.renorm's leaves norms 1e-7 relative short); the attack's loss is a sum over images,
+  not a mean (the step normalises each image's gradient, so only fp16 underflow can tell).
+- SmoothAdv's epsilon warm-up is per optimizer step, theirs per epoch (equal at each epoch's end);
+  their training script cuts each loader batch into m mini-batches of n/m images and steps the
+  optimizer on each, we take one step on the whole batch.
 """
 
 from __future__ import annotations
