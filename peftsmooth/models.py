@@ -132,8 +132,6 @@ def build_classifier(model_cfg, num_classes: int, image_size) -> BaseClassifier:
     Weights: `model.pretrained` (hub), `model.weights` (local file), `model.checkpoint` (a full
     backbone state dict written by `peftsmooth train`, which wins over the other two).
     """
-    from timm.data import resolve_data_config
-
     backbone = _create_backbone(model_cfg, num_classes)
     if model_cfg.get("checkpoint"):
         state = load_state_dict_file(model_cfg.checkpoint)
@@ -144,8 +142,40 @@ def build_classifier(model_cfg, num_classes: int, image_size) -> BaseClassifier:
             raise UserError(
                 f"model.checkpoint={model_cfg.checkpoint} does not fit {model_cfg.name} with {num_classes} classes ({first})"
             ) from err
+    return _wrap(backbone, model_cfg)
+
+
+def _wrap(backbone: nn.Module, model_cfg) -> BaseClassifier:
+    """The BaseClassifier around a timm backbone: its input size, channels and normalization."""
+    from timm.data import resolve_data_config
+
     data_cfg = resolve_data_config(model=backbone)
     kwargs = model_cfg.get("kwargs") or {}
     input_size = kwargs.get("img_size") or model_cfg.get("input_size") or data_cfg["input_size"][-1]
     in_chans = int(kwargs.get("in_chans", 3))
     return BaseClassifier(backbone, int(input_size), data_cfg["mean"], data_cfg["std"], in_chans)
+
+
+_TREES: dict[str, BaseClassifier | None] = {}
+
+
+def module_tree(model_cfg, num_classes: int) -> BaseClassifier | None:
+    """The classifier's modules without weights (on the meta device: nothing is loaded, fetched or
+    computed), for checks before any work; None where the model cannot be built that way. Kept per
+    model (the jobs of a sweep share it): callers only read it."""
+    import json
+
+    import timm
+    from omegaconf import OmegaConf
+
+    raw = model_cfg.get("kwargs") or {}
+    kwargs = OmegaConf.to_container(raw, resolve=True) if OmegaConf.is_config(raw) else dict(raw)
+    key = json.dumps([str(model_cfg.name), kwargs, model_cfg.get("input_size"), int(num_classes)], default=str)
+    if key not in _TREES:
+        try:
+            with torch.device("meta"):
+                backbone = timm.create_model(str(model_cfg.name), pretrained=False, num_classes=num_classes, **kwargs)
+                _TREES[key] = _wrap(backbone, model_cfg)
+        except Exception:  # noqa: BLE001 - the real build reports it, with the weights
+            _TREES[key] = None
+    return _TREES[key]

@@ -4,7 +4,8 @@ The contract (and its defaults) is the `Adaptation` base class in `peftsmooth.ad
 Implementations: peft_tuners.PeftTuner (LoRA, LoHa, LoKr, IA3, OFT, BOFT, VeRA from `peft`),
 prompt.VisualPromptTuning, bottleneck.BottleneckAdapters, baselines.LinearProbe / FullFineTuning,
 NoAdaptation (`peft=none`) and the black-box coordinators (in the front stage: `peftsmooth.front.blackbox`).
-`build_adaptation(cfg.peft)` instantiates one.
+`build_adaptation(cfg.peft)` instantiates one. A YAML's `train:` block holds the method's training
+defaults (learning rate, weight decay), read by conf/train.yaml, not passed to the method.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ def build_adaptation(cfg) -> Adaptation:
 
     if not cfg or "_target_" not in cfg:
         raise UserError("peft config has no _target_ (choose peft=<one of conf/peft/*.yaml>)")
+    cfg = _without_train(cfg)
     try:
         adaptation = instantiate(cfg, _convert_="all")
     except InstantiationException as err:
@@ -34,6 +36,18 @@ def build_adaptation(cfg) -> Adaptation:
         raise UserError(f"peft._target_={cfg['_target_']} is not an adaptation method "
                         f"(a subclass of peftsmooth.adapt.Adaptation)")
     return adaptation
+
+
+def _without_train(cfg):
+    """The config without its `train:` block: the method's training defaults (e.g. `train.lr`), which
+    conf/train.yaml reads through ${oc.select:peft.train.<key>,...}; they are not the method's options."""
+    from omegaconf import OmegaConf
+
+    if "train" not in cfg:
+        return cfg
+    plain = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
+    plain.pop("train")
+    return plain
 
 
 def _root_cause(err: Exception) -> BaseException | None:

@@ -4,6 +4,8 @@ A `conf/peft/*.yaml` names a subclass of `Adaptation` with `_target_`. The comma
 loop call only what is defined here, so a new method overrides what differs and inherits the rest:
 
   apply(classifier)          -> the model to train; sets `requires_grad` on what trains (required)
+  check(classifier)          -> raises a UserError if the method cannot adapt this classifier (run on
+                                its module tree without weights, before any work; default: it can)
   load(classifier, run_dir)  -> the trained model rebuilt from a run directory (required)
   save(model, run_dir)       -> writes its weights, returns the file names (default: nothing to save)
   name, trains               -> run.json's `method`; whether anything trains (default: yes)
@@ -41,6 +43,10 @@ class Adaptation:
 
     def load(self, classifier: nn.Module, run_dir: Path) -> nn.Module:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def check(self, classifier: nn.Module) -> None:
+        """Raise a UserError naming the method, the model and what is missing if it cannot apply."""
+        return None
 
     def save(self, model: nn.Module, run_dir: Path) -> list[str]:
         return []

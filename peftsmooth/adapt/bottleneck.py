@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch.nn as nn
 
 from peftsmooth.adapt.common import ModuleAdaptation
+from peftsmooth.adapt.targets import ANY_MODEL, model_label
 from peftsmooth.errors import UserError, choice_error, require
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU}
@@ -67,13 +68,20 @@ class BottleneckAdapters(ModuleAdaptation):
         self.bottleneck, self.style, self.scale = int(bottleneck), style, float(scale)
         self.activation, self.dropout, self.name = activation, float(dropout), name
 
+    def check(self, classifier: nn.Module) -> None:
+        vit = classifier.backbone
+        sublayers = STYLES[self.style][0]
+        blocks = list(getattr(vit, "blocks", []))
+        if not blocks or not hasattr(vit, "embed_dim") or not all(hasattr(b, s) for b in blocks for s in sublayers):
+            raise UserError(f"peft={self.name} cannot adapt model.name={model_label(vit)}: it needs transformer "
+                            f"blocks with {' and '.join(sublayers)} (a timm ViT), and {type(vit).__name__} has none; "
+                            f"use peft={ANY_MODEL}")
+
     def insert(self, classifier: nn.Module) -> None:
+        self.check(classifier)
         vit = classifier.backbone
         sublayers, factory = STYLES[self.style]
-        blocks = list(getattr(vit, "blocks", []))
-        if not blocks or not all(hasattr(b, s) for b in blocks for s in sublayers):
-            raise UserError(f"peft={self.name} needs transformer blocks with {' and '.join(sublayers)} "
-                            f"(a timm ViT); {type(vit).__name__} has none")
+        blocks = list(vit.blocks)
         dim = int(vit.embed_dim)
         for block in blocks:
             for sub in sublayers:

@@ -1,27 +1,34 @@
 """The `peft` library's tuners (LoRA, LoHa, LoKr, IA3, OFT, BOFT, VeRA) on a BaseClassifier.
 
-`get_peft_model` wraps the whole BaseClassifier, so module names start with `backbone.`; the
-default `target_modules` of conf/peft/*.yaml is a full-match regex over the transformer blocks'
-linears (`backbone.blocks.N.attn.qkv|proj`, `backbone.blocks.N.mlp.fc1|fc2`), which leaves the
-patch-embedding conv alone (a suffix list like ["proj"] would also catch `patch_embed.proj`). The
-new classification head is trained fully through `modules_to_save`. The result is saved in peft's
-own format (adapter_config.json + adapter_model.safetensors), loadable with
-`PeftModel.from_pretrained(build_classifier(...), run_dir)`. Before certification the tuners whose
-merge is exact are folded into the base weights (`merge_exact`).
+`get_peft_model` wraps the whole BaseClassifier, so module names start with `backbone.`. The default
+`target_modules: auto` (and IA3's `feedforward_modules: auto`) is resolved per model when the method
+is applied, by the family rules of `peftsmooth.adapt.targets`: a ViT's block linears
+(`blocks.N.attn.qkv|proj`, `blocks.N.mlp.fc1|fc2`), a ResNet's block convs (`layerN.M.convK`), the
+body's Linear / Conv2d layers of any other timm model; never the stem (e.g. the patch-embedding
+conv) or the head, and only layers the tuner can wrap (VeRA: nn.Linear only). The resolved list is
+logged with its count and saved in adapter_config.json; an explicit regex (full match) or list of
+names is passed to peft as it is. The new classification head is trained fully through
+`modules_to_save`. The result is saved in peft's own format (adapter_config.json +
+adapter_model.safetensors), loadable with `PeftModel.from_pretrained(build_classifier(...), run_dir)`.
+Before certification the tuners whose merge is exact are folded into the base weights (`merge_exact`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib
+import logging
 import re
 from pathlib import Path
 
 import torch.nn as nn
 
+from peftsmooth.adapt import targets
 from peftsmooth.adapt.base import Adaptation
 from peftsmooth.adapt.common import head_module_name, load_buffers, save_buffers
 from peftsmooth.errors import UserError
+
+log = logging.getLogger("peftsmooth.adapt")
 
 ADAPTER_FILES = ["adapter_config.json", "adapter_model.safetensors"]
 RANK_KEYS = ("r", "boft_block_size", "boft_block_num", "oft_block_size")
@@ -69,8 +76,9 @@ class PeftTuner(Adaptation):
             if value < 0:
                 raise UserError(f"peft.{key}={value} must be >= 0")
         self.options = dict(options)
-        try:
-            self.config_class(**self._options("backbone.head"))  # validate now, before any work
+        try:  # validate now, before any work (`auto` targets are resolved on the model)
+            options = self._options("backbone.head")
+            self.config_class(**{k: (None if v == targets.AUTO else v) for k, v in options.items()})
         except (ValueError, TypeError) as err:
             raise UserError(f"peft={self.name}: invalid options ({str(err).splitlines()[0]})") from err
 
@@ -79,16 +87,24 @@ class PeftTuner(Adaptation):
         options.setdefault("modules_to_save", [head])
         return options
 
-    def peft_config(self, classifier: nn.Module):
-        head = head_module_name(classifier)
-        options = self._options(head)
+    def peft_config(self, classifier: nn.Module) -> tuple[object, "targets.Resolved | None"]:
+        """The peft config for this classifier, `auto` targets resolved (and what they resolved to)."""
+        options = self._options(head_module_name(classifier))
+        resolved = None
+        if targets.AUTO in (options.get("target_modules"), options.get("feedforward_modules")):
+            resolved = targets.resolve(classifier, self.config_class.__name__, options, self.name)
+            options.update(resolved.modules)
         for key in ("target_modules", "feedforward_modules"):
             target = options.get(key)
-            if target is not None and not matching_modules(classifier, target):
+            if target not in (None, []) and not matching_modules(classifier, target):
                 raise UserError(
                     f"peft.{key}={target} matches no module of {type(classifier.backbone).__name__} "
                     f"(module names look like {', '.join(self._examples(classifier))})")
-        return self.config_class(**options)
+        return self.config_class(**options), resolved
+
+    def check(self, classifier: nn.Module) -> None:
+        """The targets resolve and match on this classifier (run on a module tree without weights)."""
+        self.peft_config(classifier)
 
     @staticmethod
     def _examples(classifier: nn.Module) -> list[str]:
@@ -98,7 +114,10 @@ class PeftTuner(Adaptation):
     def apply(self, classifier: nn.Module) -> nn.Module:
         from peft import get_peft_model
 
-        config = self.peft_config(classifier)
+        config, resolved = self.peft_config(classifier)
+        if resolved is not None:
+            log.info(resolved.describe(self.name))
+        _no_boft_extension_without_cuda()
         try:
             model = get_peft_model(classifier, config)
         except ValueError as err:
@@ -127,6 +146,18 @@ class PeftTuner(Adaptation):
     def before_certify(self, model: nn.Module) -> tuple[nn.Module, list[str]]:
         """Fold the adapters whose merge is exact into the weights (`merge_exact`, below)."""
         return merge_exact(model)
+
+
+def _no_boft_extension_without_cuda() -> None:
+    """Without CUDA, tell peft's BOFT up front that its CUDA extension is unavailable: it would otherwise
+    try (and fail) to compile it once per wrapped layer, seconds each; the result is the same."""
+    import torch
+
+    if not torch.cuda.is_available():
+        import peft.tuners.boft.layer as boft_layer
+
+        if getattr(boft_layer, "_FBD_CUDA", False) is None:
+            boft_layer._FBD_CUDA = False
 
 
 # peft methods whose adapter folds exactly into the base weights (merge_and_unload is exact).

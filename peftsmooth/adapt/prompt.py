@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 
 from peftsmooth.adapt.common import ModuleAdaptation
+from peftsmooth.adapt.targets import ANY_MODEL, model_label
 from peftsmooth.errors import UserError, require
 
 
@@ -44,11 +45,16 @@ class VisualPromptTuning(ModuleAdaptation):
         self.tokens, self.deep, self.dropout = int(tokens), bool(deep), float(dropout)
         self.name = name or ("prompt_deep" if self.deep else "prompt")
 
-    def insert(self, classifier: nn.Module) -> None:
+    def check(self, classifier: nn.Module) -> None:
         vit = classifier.backbone
-        if not all(hasattr(vit, a) for a in ("blocks", "embed_dim", "num_prefix_tokens", "norm")):
-            raise UserError(f"peft={self.name} needs a ViT backbone (timm VisionTransformer); "
-                            f"{type(vit).__name__} has no token sequence")
+        if not all(hasattr(vit, a) for a in ("blocks", "embed_dim", "num_prefix_tokens", "norm", "patch_embed")):
+            raise UserError(f"peft={self.name} cannot adapt model.name={model_label(vit)}: it needs a ViT backbone "
+                            f"(timm VisionTransformer: a token sequence to insert prompts into), and "
+                            f"{type(vit).__name__} has none; use peft={ANY_MODEL}")
+
+    def insert(self, classifier: nn.Module) -> None:
+        self.check(classifier)
+        vit = classifier.backbone
         blocks = list(vit.blocks)
         patch = vit.patch_embed.patch_size
         area = int(patch[0] * patch[1]) if isinstance(patch, (tuple, list)) else int(patch) ** 2

@@ -56,10 +56,11 @@ class Checked(NamedTuple):
 
 def check_train(cfg) -> Checked:
     """Every check train makes before a model, data or the network (the CLI runs it before Hydra
-    starts): train.*, the loss, the method, resume=, base= and the model's name and weight files."""
+    starts): train.*, the loss, the method, resume=, base=, the model's name and weight files, and
+    that the method can adapt the model (on its module tree without weights)."""
     from peftsmooth.adapt import build_adaptation
     from peftsmooth.losses import objective_from_cfg
-    from peftsmooth.models import check_model_config
+    from peftsmooth.models import check_model_config, module_tree
     from peftsmooth.runs import check_resume
     from peftsmooth.runtime import resolve_device
     from peftsmooth.train_phases import check_method
@@ -77,6 +78,9 @@ def check_train(cfg) -> Checked:
     check_resume(cfg.get("resume"), "train")
     model_cfg, model_name, base = resolve_model(cfg)
     check_model_config(model_cfg)
+    tree = module_tree(model_cfg, int(cfg.dataset.num_classes))
+    if tree is not None:  # the method fits the model: its peft targets resolve, a ViT for prompts / adapters
+        adapt.check(tree)
     return Checked(settings, loss_name, objective, adapt, method, model_cfg, model_name, base)
 
 
