@@ -131,12 +131,16 @@ def test_resume_in_either_phase_reproduces_the_uninterrupted_run(tmp_path, monke
 
 
 def test_standard_schedule_ignores_the_lp_keys(tmp_path):
-    """A standard run: no phase field, the same numbers whatever lp_epochs / lp_lr say."""
-    common = ["peft=prompt", "train.epochs=1"]
-    _train(tmp_path / "a", *common)
-    _train(tmp_path / "b", *common, "train.lp_epochs=7", "train.lp_lr=0.5")
-    assert _numbers(tmp_path / "a") == _numbers(tmp_path / "b") and "phase" not in _numbers(tmp_path / "a")[0]
-    assert read_run_info(tmp_path / "a")["schedule"] == {"name": "standard"}
+    """A standard run has no phase field, and lp_epochs / lp_lr do not enter its resume fingerprint
+    (so they cannot block a resume, and checkpoints written before the keys existed resume)."""
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
+    data = TensorDataset(torch.rand(16, 1, 8, 8), torch.randint(0, 10, (16,)))
+    fit(model, data, sigma=0.25, settings=TrainSettings(epochs=1, batch_size=16), run_dir=tmp_path, progress=False)
+    assert "phase" not in read_metrics(tmp_path)[0] and train_state.read_checkpoint(tmp_path)["phase"] is None
+    fingerprint = lambda *o: train_state.resume_fingerprint(compose("train", [*TINY, "peft=lora", *o]))
+    assert fingerprint() == fingerprint("train.lp_epochs=7", "train.lp_lr=0.5")
+    assert "schedule" not in fingerprint()["train"]
+    assert fingerprint("train.schedule=lp_ft")["train"]["lp_epochs"] == 2
 
 
 @pytest.mark.parametrize("args, message", [
