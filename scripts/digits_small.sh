@@ -35,7 +35,8 @@ runs_under() {  # the run directories (holding run.json) below the given dirs, c
 }
 
 echo "== 1. clean base classifier (full fine-tuning, sigma=0)"
-"$PS" train "${LAUNCH[@]}" "${DATA[@]}" "${FIT[@]}" peft=full sigma=0 "train.epochs=${BASE_EPOCHS}" \
+# from random init, so not full's fine-tuning default lr (1e-4, for pretrained backbones)
+"$PS" train "${LAUNCH[@]}" "${DATA[@]}" "${FIT[@]}" peft=full sigma=0 "train.epochs=${BASE_EPOCHS}" train.lr=1e-3 \
   "hydra.sweep.dir=${OUT}/base"
 BASE="${OUT}/base/full_vit_tiny_digits_sigma0"
 

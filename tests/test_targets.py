@@ -7,6 +7,7 @@ few samples; or, where the method cannot adapt the model, the one-line refusal.
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 
@@ -36,6 +37,7 @@ REFUSED = {("prompt", "resnet"), ("prompt_deep", "resnet"), ("adapter", "resnet"
            ("oft", "resnet")}
 
 
+@functools.lru_cache(maxsize=1)
 def _digits(n: int = 16):
     from peftsmooth.data import build_dataset
 

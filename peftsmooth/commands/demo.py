@@ -74,6 +74,7 @@ def run_demo(cfg) -> dict:
 
     _peftsmooth(console, "1/4 clean base classifier (full fine-tuning, sigma=0)",
                 ["train", *train_common, "peft=full", "sigma=0", f"train.epochs={cfg.base_epochs}",
+                 "train.lr=1e-3",  # from random init: not full's fine-tuning default (1e-4)
                  f"hydra.run.dir={base}"])
     _peftsmooth(console, f"2/4 LoRA PEFTSmoothing at sigma={cfg.sigma}",
                 ["train", *train_common, "peft=lora", f"sigma={cfg.sigma}", f"base={base}",
