@@ -38,27 +38,36 @@ if ! finished "$BASE"; then
     "hydra.run.dir=${BASE}"
 fi
 
-train() {  # name, extra overrides...
-  local name=$1; shift
-  finished "${OUT}/runs/${name}" && return 0
-  echo "== train ${name}"
-  "$PS" train "${DATA[@]}" "${FIT[@]}" "base=${BASE}" "sigma=${SIGMA}" "train.epochs=${EPOCHS}" \
-    "train.macer.k=${MACER_K}" "train.smoothadv.m=${SMOOTHADV_M}" "train.smoothadv.epsilon=${SMOOTHADV_EPS}" "$@" "hydra.run.dir=${OUT}/runs/${name}"
+certify() {  # name: the run's certification (skipped when done)
+  local name=$1
+  [[ -f "${OUT}/certify/${name}/summary.json" ]] && return 0
+  echo "== certify ${name}"
+  "$PS" certify "run=${OUT}/runs/${name}" "certify.n0=${N0}" "certify.n=${N}" "certify.skip=${SKIP}" \
+    "certify.max=${MAX}" device=cpu "hydra.run.dir=${OUT}/certify/${name}"
 }
 
+train() {  # name, extra overrides...: train (skipped when finished), then certify
+  local name=$1; shift
+  if ! finished "${OUT}/runs/${name}"; then
+    echo "== train ${name}"
+    "$PS" train "${DATA[@]}" "${FIT[@]}" "base=${BASE}" "sigma=${SIGMA}" "train.epochs=${EPOCHS}" \
+      "train.macer.k=${MACER_K}" "train.smoothadv.m=${SMOOTHADV_M}" "train.smoothadv.epsilon=${SMOOTHADV_EPS}" \
+      "$@" "hydra.run.dir=${OUT}/runs/${name}"
+  fi
+  certify "$name"
+}
+
+# cheapest first: ce, consistency and LP-FT, then the k- / m-fold costlier MACER and SmoothAdv
 for method in lora full; do
-  for loss in ce consistency macer smoothadv; do
+  for loss in ce consistency; do
     train "${method}_${loss}" "peft=${method}" "train.loss=${loss}"
   done
 done
 train lora_ce_lpft peft=lora train.loss=ce train.schedule=lp_ft "train.lp_epochs=${LP_EPOCHS}"
-
-for run in "${OUT}"/runs/*/; do
-  name=$(basename "$run")
-  [[ -f "${OUT}/certify/${name}/summary.json" ]] && continue
-  echo "== certify ${name}"
-  "$PS" certify "run=${run}" "certify.n0=${N0}" "certify.n=${N}" "certify.skip=${SKIP}" "certify.max=${MAX}" \
-    device=cpu "hydra.run.dir=${OUT}/certify/${name}"
+for loss in macer smoothadv; do
+  for method in lora full; do
+    train "${method}_${loss}" "peft=${method}" "train.loss=${loss}"
+  done
 done
 
 "$PS" report "${OUT}/runs" "${OUT}/certify" "out=${OUT}"
