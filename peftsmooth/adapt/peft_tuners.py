@@ -5,9 +5,10 @@
 is applied, by the family rules of `peftsmooth.adapt.targets`: a ViT's block linears
 (`blocks.N.attn.qkv|proj`, `blocks.N.mlp.fc1|fc2`), a ResNet's block convs (`layerN.M.convK`), the
 body's Linear / Conv2d layers of any other timm model; never the stem (e.g. the patch-embedding
-conv) or the head, and only layers the tuner can wrap (VeRA: nn.Linear only). The resolved list is
-logged with its count and saved in adapter_config.json; an explicit regex (full match) or list of
-names is passed to peft as it is. The new classification head is trained fully through
+conv) or the head, and only layers the tuner can wrap (VeRA: nn.Linear only; OFT: nn.Linear and
+1x1 convs). A model with nothing to wrap is refused by `check`, before any work. The resolved list
+is logged with its count and saved in adapter_config.json; an explicit regex (full match) or list
+of names is passed to peft as it is. The new classification head is trained fully through
 `modules_to_save`. The result is saved in peft's own format (adapter_config.json +
 adapter_model.safetensors), loadable with `PeftModel.from_pretrained(build_classifier(...), run_dir)`.
 Before certification the tuners whose merge is exact are folded into the base weights (`merge_exact`).
