@@ -49,6 +49,26 @@ def compose(command: str, overrides: list[str] | None = None, run_dir=None):
     return cfg
 
 
+def kill_after_epoch(epoch: int, train, *args, **kwargs) -> None:
+    """Run `train(*args, **kwargs)` "killed" (a KeyboardInterrupt) right after the checkpoint of
+    `epoch` is written, as a resume test needs it."""
+    from peftsmooth import train_state
+
+    original = train_state._save_checkpoint
+
+    def killed(path, payload):
+        original(path, payload)
+        if payload["epoch"] == epoch:
+            raise KeyboardInterrupt("killed")
+
+    train_state._save_checkpoint = killed
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train(*args, **kwargs)
+    finally:
+        train_state._save_checkpoint = original
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -9,12 +9,12 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from conftest import TINY, compose
+from conftest import TINY, compose, kill_after_epoch
 from peftsmooth import cli, train_state
 from peftsmooth.adapt import build_adaptation
 from peftsmooth.commands.train import run_train
 from peftsmooth.errors import UserError
-from peftsmooth.models import build_classifier, count_parameters, load_state_dict_file
+from peftsmooth.models import build_classifier, count_parameters
 from peftsmooth.runs import load_run, read_run_info
 from peftsmooth.train_phases import HeadOnly, head_parameter_names, plan
 from peftsmooth.training import TrainSettings, fit, read_metrics
@@ -107,24 +107,15 @@ def _fit_lp_ft(run_dir):
     return model
 
 
-def test_resume_in_either_phase_reproduces_the_uninterrupted_run(tmp_path, monkeypatch):
+def test_resume_in_either_phase_reproduces_the_uninterrupted_run(tmp_path):
     """Killed mid-lp (lp optimizer restored), at the lp/ft boundary (fresh ft optimizer) and mid-ft
     (ft optimizer restored): the same metrics.jsonl and weights as one uninterrupted run."""
     weights = _fit_lp_ft(tmp_path / "whole").state_dict()
     reference = _numbers(tmp_path / "whole")
     assert [m["phase"] for m in reference] == ["lp", "lp", "ft", "ft"]
-    original = train_state._save_checkpoint
     for kill in (1, 2, 3):
-        def killed(path, payload, kill=kill):
-            original(path, payload)
-            if payload["epoch"] == kill:
-                raise KeyboardInterrupt("killed")
-
-        monkeypatch.setattr(train_state, "_save_checkpoint", killed)
-        with pytest.raises(KeyboardInterrupt):
-            _fit_lp_ft(tmp_path / f"k{kill}")
+        kill_after_epoch(kill, _fit_lp_ft, tmp_path / f"k{kill}")
         assert train_state.read_checkpoint(tmp_path / f"k{kill}")["phase"] == ("lp" if kill <= 2 else "ft")
-        monkeypatch.setattr(train_state, "_save_checkpoint", original)
         resumed = _fit_lp_ft(tmp_path / f"k{kill}").state_dict()
         assert _numbers(tmp_path / f"k{kill}") == reference, kill
         assert resumed.keys() == weights.keys() and all(torch.equal(resumed[k], weights[k]) for k in weights), kill

@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
-from conftest import TINY, compose
+from conftest import TINY, compose, kill_after_epoch
 
 from peftsmooth import train_state, train_watch
 from peftsmooth.commands.train import check_train, run_train
@@ -229,21 +229,11 @@ def _fit(run_dir, loss):
 
 
 @pytest.mark.parametrize("loss", ["macer", "smoothadv"])
-def test_killed_and_resumed_fit_matches_the_uninterrupted_one(loss, tmp_path, monkeypatch, no_plot):
+def test_killed_and_resumed_fit_matches_the_uninterrupted_one(loss, tmp_path, no_plot):
     """SmoothAdv's epsilon still ramps in epoch 2 (warm-up over 2 epochs): the resumed run must see
     the global step, not a restarted one; both draw their noisy copies from the seeded stream."""
     whole, weight = _fit(tmp_path / "whole", loss)
-    original = train_state._save_checkpoint
-
-    def killed_after_epoch_1(path, payload):
-        original(path, payload)
-        if payload["epoch"] == 1:
-            raise KeyboardInterrupt("killed")
-
-    monkeypatch.setattr(train_state, "_save_checkpoint", killed_after_epoch_1)
-    with pytest.raises(KeyboardInterrupt):
-        _fit(tmp_path / "split", loss)
-    monkeypatch.setattr(train_state, "_save_checkpoint", original)
+    kill_after_epoch(1, _fit, tmp_path / "split", loss)
     resumed, resumed_weight = _fit(tmp_path / "split", loss)
     assert resumed == whole and [m["step"] for m in whole] == [2, 4]
     assert torch.equal(resumed_weight, weight)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,8 +14,8 @@ import torch
 import torch.nn as nn
 from torch.utils.data import TensorDataset
 
-from conftest import TINY, compose
-from peftsmooth import train_state, training
+from conftest import TINY, compose, kill_after_epoch
+from peftsmooth import training
 from peftsmooth.commands.train import run_train
 from peftsmooth.errors import UserError
 from peftsmooth.losses import Consistency, CrossEntropy, build_objective
@@ -97,22 +96,12 @@ def test_none_only_evaluates(tmp_path):
     assert (tmp_path / "training.png").is_file()  # every run has one, an evaluation-only one too
 
 
-def test_kill_and_resume_reproduces_the_uninterrupted_run(tmp_path, monkeypatch):
+def test_kill_and_resume_reproduces_the_uninterrupted_run(tmp_path):
     _train(tmp_path / "full_run", "peft=lora")
     reference = _numbers(tmp_path / "full_run")
 
-    original = train_state._save_checkpoint
-
-    def killed_after_epoch_2(path, payload):
-        original(path, payload)
-        if payload["epoch"] == 2:
-            raise KeyboardInterrupt("killed")
-
-    monkeypatch.setattr(train_state, "_save_checkpoint", killed_after_epoch_2)
-    with pytest.raises(KeyboardInterrupt):
-        _train(tmp_path / "killed", "peft=lora")
+    kill_after_epoch(2, _train, tmp_path / "killed", "peft=lora")
     assert [m["epoch"] for m in read_metrics(tmp_path / "killed")] == [1, 2]
-    monkeypatch.setattr(train_state, "_save_checkpoint", original)
     _train(tmp_path / "other", "peft=lora", f"resume={tmp_path / 'killed'}")  # resume= from another job dir
     assert _numbers(tmp_path / "killed") == reference
     a = load_state_dict_file(tmp_path / "full_run" / "adapter_model.safetensors")
