@@ -14,43 +14,21 @@ set -euo pipefail
 
 OUT=${OUT:-outputs/digits_objectives}
 BASE=${BASE:-${OUT}/base}
-BASE_EPOCHS=${BASE_EPOCHS:-40}
 SIGMA=${SIGMA:-0.25}
 EPOCHS=${EPOCHS:-15}
 MACER_K=${MACER_K:-16}          # the paper's k (noise samples per image); cost grows ~k-fold
 SMOOTHADV_M=${SMOOTHADV_M:-8}   # the paper's m_train; cost grows ~m * (num_steps + 1)-fold
 SMOOTHADV_EPS=${SMOOTHADV_EPS:-0.25}  # native-pixel L2 budget: the default 1.0 collapses 8x8 digits
 LP_EPOCHS=${LP_EPOCHS:-2}
-N0=${N0:-100}
-N=${N:-1000}
-SKIP=${SKIP:-6}
-MAX=${MAX:-60}
-PS=${PEFTSMOOTH:-peftsmooth}
+. "$(dirname "$0")/digits_common.sh"   # VIT, FIT, finished, certify, clean_base; N0, N, SKIP, MAX
 
-DATA=(dataset=digits model=vit_tiny model.input_size=16 model.kwargs.img_size=16 device=cpu)
-FIT=(train.num_workers=0 train.batch_size=64 train.precision=bf16)
-
-finished() { [[ -f "$1/run.json" ]] && grep -q '"finished": true' "$1/run.json"; }
-
-if ! finished "$BASE"; then
-  echo "== clean base (full fine-tuning, sigma=0, ${BASE_EPOCHS} epochs)"
-  "$PS" train "${DATA[@]}" "${FIT[@]}" peft=full sigma=0 "train.epochs=${BASE_EPOCHS}" train.lr=1e-3 \
-    "hydra.run.dir=${BASE}"
-fi
-
-certify() {  # name: the run's certification (skipped when done)
-  local name=$1
-  [[ -f "${OUT}/certify/${name}/summary.json" ]] && return 0
-  echo "== certify ${name}"
-  "$PS" certify "run=${OUT}/runs/${name}" "certify.n0=${N0}" "certify.n=${N}" "certify.skip=${SKIP}" \
-    "certify.max=${MAX}" device=cpu "hydra.run.dir=${OUT}/certify/${name}"
-}
+clean_base "$BASE" "${VIT[@]}"
 
 train() {  # name, extra overrides...: train (skipped when finished), then certify
   local name=$1; shift
   if ! finished "${OUT}/runs/${name}"; then
     echo "== train ${name}"
-    "$PS" train "${DATA[@]}" "${FIT[@]}" "base=${BASE}" "sigma=${SIGMA}" "train.epochs=${EPOCHS}" \
+    "$PS" train "${VIT[@]}" "${FIT[@]}" "base=${BASE}" "sigma=${SIGMA}" "train.epochs=${EPOCHS}" \
       "train.macer.k=${MACER_K}" "train.smoothadv.m=${SMOOTHADV_M}" "train.smoothadv.epsilon=${SMOOTHADV_EPS}" \
       "$@" "hydra.run.dir=${OUT}/runs/${name}"
   fi
