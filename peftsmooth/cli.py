@@ -9,7 +9,6 @@ one clear line and exit code 2 instead of Hydra's multi-line report.
 from __future__ import annotations
 
 import importlib
-import shlex
 import sys
 
 from peftsmooth import __version__
@@ -96,17 +95,12 @@ def main(argv: list[str] | None = None) -> None:
     if command not in COMMANDS:
         die("", f"unknown command {command!r} (choose from: {', '.join(COMMANDS)})")
     rest = _rewrite_aliases(command, _rewrite_positionals(command, rest))
-    from peftsmooth.config import validate_cli_args
+    from peftsmooth.precheck import validate_cli_args
 
     try:
-        validate_cli_args(command, rest)
+        validate_cli_args(command, rest, COMMANDS[command][0])
     except UserError as err:
         die(command, str(err))
     module = importlib.import_module(COMMANDS[command][0])
     sys.argv = [f"peftsmooth {command}", *rest]
     module.main()
-
-
-def format_command(command: str, args: list[str]) -> str:
-    """The shell line that reproduces a run (recorded in run.json)."""
-    return " ".join(["peftsmooth", command, *(shlex.quote(a) for a in args)])

@@ -1,4 +1,4 @@
-"""Where the configs live, the Hydra app wrapper every command uses, and CLI validation.
+"""Where the configs live, the Hydra app wrapper every command uses, and the command line of a run.
 
 The configs are the package `peftsmooth.conf` (the top-level `conf/` folder, mapped into the package
 by pyproject.toml), so they are found from any working directory, installed editable or not.
@@ -9,11 +9,12 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+import shlex
 import shutil
 from pathlib import Path
 from typing import Any, Callable
 
-from peftsmooth.errors import UserError, choice_error, die
+from peftsmooth.errors import UserError, die
 
 
 def conf_dir() -> Path:
@@ -34,40 +35,9 @@ def group_choices(group: str) -> list[str]:
     return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
 
 
-def _override_values(override: Any) -> list[str]:
-    if override.is_sweep_override():
-        return [str(v) for v in override.sweep_string_iterator()]
-    value = override.value()
-    return [] if value is None else [str(value)]
-
-
-def validate_cli_args(command: str, args: list[str]) -> None:
-    """Everything that needs no model, data or network, before Hydra starts (and creates a directory):
-    config-group choices, then every job's composed config and the command's checks (peftsmooth.precheck)."""
-    from hydra._internal.utils import get_args_parser
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import HydraException
-
-    parsed, _unknown = get_args_parser().parse_known_args(args)
-    if parsed.help or parsed.hydra_help or parsed.shell_completion or parsed.info:
-        return
-    try:
-        overrides = OverridesParser.create().parse_overrides(parsed.overrides)
-    except HydraException as err:
-        raise UserError(str(err).splitlines()[0]) from None
-    root = conf_dir()
-    for ov in overrides:
-        group = ov.key_or_group
-        if ov.is_delete() or group.startswith("hydra") or not (root / group).is_dir():
-            continue
-        allowed = group_choices(group)
-        for value in _override_values(ov):
-            if value not in allowed:
-                raise choice_error(group, value, allowed)
-    from peftsmooth.precheck import check_jobs
-
-    # --cfg only prints the config: composed, but not held to the command's checks
-    check_jobs(command, list(parsed.overrides), multirun=bool(parsed.multirun), checks=not parsed.cfg)
+def format_command(command: str, args: list[str]) -> str:
+    """The shell line that reproduces a run (recorded in run.json)."""
+    return " ".join(["peftsmooth", command, *(shlex.quote(a) for a in args)])
 
 
 def hydra_choice(group: str, default=None):

@@ -15,21 +15,61 @@ import copy
 import importlib
 import os
 from pathlib import Path
+from typing import Any
 
-from peftsmooth.errors import UserError
+from peftsmooth.errors import UserError, choice_error
 
 # A sweep of more jobs than this is checked on a subset that still holds every swept value once.
 MAX_CHECKED_JOBS = 64
 
 
-def check_jobs(command: str, overrides: list[str], multirun: bool, checks: bool = True) -> None:
+def _override_values(override: Any) -> list[str]:
+    if override.is_sweep_override():
+        return [str(v) for v in override.sweep_string_iterator()]
+    value = override.value()
+    return [] if value is None else [str(value)]
+
+
+def validate_cli_args(command: str, args: list[str], module: str | None = None) -> None:
+    """Everything that needs no model, data or network, before Hydra starts (and creates a directory):
+    config-group choices, then every job's composed config and the checks of the command (its
+    `module`, imported here so that it registers them)."""
+    from hydra._internal.utils import get_args_parser
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    parsed, _unknown = get_args_parser().parse_known_args(args)
+    if parsed.help or parsed.hydra_help or parsed.shell_completion or parsed.info:
+        return
+    try:
+        overrides = OverridesParser.create().parse_overrides(parsed.overrides)
+    except HydraException as err:
+        raise UserError(str(err).splitlines()[0]) from None
+    from peftsmooth.config import conf_dir, group_choices
+
+    root = conf_dir()
+    for ov in overrides:
+        group = ov.key_or_group
+        if ov.is_delete() or group.startswith("hydra") or not (root / group).is_dir():
+            continue
+        allowed = group_choices(group)
+        for value in _override_values(ov):
+            if value not in allowed:
+                raise choice_error(group, value, allowed)
+    # --cfg only prints the config: composed, but not held to the command's checks
+    check_jobs(command, list(parsed.overrides), multirun=bool(parsed.multirun), checks=not parsed.cfg,
+               module=module)
+
+
+def check_jobs(command: str, overrides: list[str], multirun: bool, checks: bool = True,
+               module: str | None = None) -> None:
     """Compose every job of `peftsmooth COMMAND overrides` and (with `checks`) check it (raises UserError)."""
     from hydra import initialize_config_dir
     from hydra.core.hydra_config import HydraConfig
 
     from peftsmooth.config import CHECKS, check_common, conf_dir, remember_run_dir
 
-    check = _command_check(command, CHECKS) if checks else None
+    check = _command_check(command, module, CHECKS) if checks else None
     jobs = sweep_jobs(overrides) if multirun else [list(overrides)]
     saved = HydraConfig.instance().cfg  # checks resolve ${hydra:...}; leave Hydra's state as it was
     try:
@@ -48,11 +88,10 @@ def check_jobs(command: str, overrides: list[str], multirun: bool, checks: bool 
         HydraConfig.instance().cfg = saved
 
 
-def _command_check(command: str, checks: dict):
+def _command_check(command: str, module: str | None, checks: dict):
     """The command's check, registered when its module is imported."""
-    from peftsmooth.cli import COMMANDS
-
-    importlib.import_module(COMMANDS[command][0])
+    if module is not None:
+        importlib.import_module(module)
     return checks.get(command)
 
 

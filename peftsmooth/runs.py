@@ -1,4 +1,4 @@
-"""Run directories: the `run.json` schema (`RunInfo`), the run lifecycle (`Run`) and `load_run`.
+"""Run directories: the `run.json` schema (`RunInfo`) and `load_run`.
 
 A run directory is anything `train` or `denoise-baseline` wrote. `run.json` records the model config
 (including the weights it started from), the dataset, sigma, the adaptation (`adapt`, a config with
@@ -6,20 +6,13 @@ A run directory is anything `train` or `denoise-baseline` wrote. `run.json` reco
 `_target_`). It is written and read through one typed schema, `RunInfo`; `load_run` turns it back
 into the exact classifier that was trained.
 
-Every command that writes a run goes through the same lifecycle (`Run`):
-  Run.open(cfg, command, device)   the directory (`resume=<dir>` or this job's Hydra directory) and
-                                   the checks of `peftsmooth.training.preflight` (fp16, resume config)
-  run.build_classifier(model_cfg)  a randomly initialised backbone is kept in init.safetensors
-  run.start(info)                  run.json with finished=false, argv recorded one way
-  run.evaluate_once(model, eval)   the metrics line of a run that trains nothing (epoch 0)
-  run.finish(files)                run.json with finished=true and every file load_run needs
+The lifecycle of a run being written (`Run`) is in `peftsmooth.train.run`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 import sys
 import time
 from collections.abc import Mapping
@@ -29,16 +22,36 @@ from typing import Any, Iterator
 
 import torch.nn as nn
 
-from peftsmooth.distributed import DistInfo, broadcast_object, init_distributed, shutdown
-from peftsmooth.errors import UserError, require
+from peftsmooth.errors import UserError
 from peftsmooth.runtime import atomic_write_text, freeze
 
-__all__ = ["RUN_FILE", "INIT_FILE", "RunInfo", "Run", "read_run_info", "write_run_info", "load_run",
+__all__ = ["RUN_FILE", "INIT_FILE", "RunInfo", "read_run_info", "write_run_info", "load_run",
            "is_random_init", "to_plain", "read_json", "write_json", "atomic_write_text"]
 
 RUN_FILE = "run.json"
 RUN_FORMAT = 1
 INIT_FILE = "init.safetensors"  # the starting weights of a randomly initialised backbone
+
+
+# `_target_` paths that run.json files of earlier versions name, and where that code lives now.
+LEGACY_TARGETS = {
+    "peftsmooth.denoisers.DnCNN": "peftsmooth.front.denoisers.DnCNN",
+    "peftsmooth.denoisers.MemNet": "peftsmooth.front.denoisers.MemNet",
+    "peftsmooth.denoisers.TrainedDenoiser": "peftsmooth.front.denoisers.TrainedDenoiser",
+    "peftsmooth.denoisers.PretrainedDiffusion": "peftsmooth.front.diffusion.PretrainedDiffusion",
+    "peftsmooth.adapt.blackbox.BlackBoxSPSA": "peftsmooth.front.blackbox.BlackBoxSPSA",
+    "peftsmooth.adapt.blackbox.WhiteBoxCoordinator": "peftsmooth.front.blackbox.WhiteBoxCoordinator",
+}
+
+
+def current_targets(node: Any) -> Any:
+    """A config read from run.json with every `_target_` of LEGACY_TARGETS renamed to today's path."""
+    if isinstance(node, dict):
+        return {k: (LEGACY_TARGETS.get(v, v) if k == "_target_" and isinstance(v, str) else current_targets(v))
+                for k, v in node.items()}
+    if isinstance(node, list):
+        return [current_targets(v) for v in node]
+    return node
 
 
 def is_random_init(model_cfg) -> bool:
@@ -166,7 +179,7 @@ class RunInfo(Mapping):
         for key in REQUIRED:
             if key not in values:
                 raise UserError(f"run={run_dir}: {RUN_FILE} has no {key!r}")
-        info = cls.from_fields(**values)
+        info = cls.from_fields(**current_targets(values))
         info.check(f"run={run_dir}")
         return info
 
@@ -215,111 +228,8 @@ def load_run(run_dir: str | Path) -> tuple[nn.Module, RunInfo]:
     return freeze(model).eval(), info
 
 
-# --------------------------------------------------------------------------- the run lifecycle
-
 def command_line(command: str) -> str:
     """The shell line that started this process's command (run.json's `argv`)."""
-    from peftsmooth.cli import format_command
+    from peftsmooth.config import format_command
 
     return format_command(command, sys.argv[1:])
-
-
-def check_resume(resume, command: str) -> Path | None:
-    """`resume=<dir>`: an existing run directory written by `command` (None without resume=)."""
-    from peftsmooth.train_state import CHECKPOINT
-
-    if not resume:
-        return None
-    path = Path(str(resume)).expanduser()
-    require(path.is_dir(), f"resume={resume}: no such directory")
-    require((path / CHECKPOINT).is_file() or (path / RUN_FILE).is_file(),
-            f"resume={resume} is not a {command} run directory (no {CHECKPOINT} or {RUN_FILE})")
-    if (path / RUN_FILE).is_file():
-        written_by = read_run_info(path).command
-        require(written_by in (None, command), f"resume={resume} is a {written_by} run; give a {command} run directory")
-    return path.resolve()
-
-
-def run_directory(cfg, command: str) -> Path:
-    """`resume=<dir>` continues that run; otherwise this job's Hydra directory (which resumes too if
-    it already holds a checkpoint, e.g. `hydra.run.dir=<dir>`)."""
-    from peftsmooth.config import output_dir
-
-    resumed = check_resume(cfg.get("resume"), command)
-    if resumed is not None:
-        return resumed
-    path = output_dir().resolve()
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def _drop_stray_dir(mine: Path, run_dir: Path) -> None:
-    """A job whose Hydra directory is not the run directory (another torchrun rank, or `resume=`)
-    removes it when it holds only Hydra's own files."""
-    if mine != run_dir and mine.is_dir() and all(p.name == ".hydra" or p.suffix == ".log" for p in mine.iterdir()):
-        shutil.rmtree(mine, ignore_errors=True)
-
-
-class Run:
-    """One run directory from start to finish (see the module docstring)."""
-
-    def __init__(self, command: str, path: Path, dist_info: DistInfo, fingerprint: dict, resuming: bool):
-        self.command, self.path, self.dist_info = command, path, dist_info
-        self.fingerprint = fingerprint   # the config a checkpoint here must match (fit's `config`)
-        self.resuming = resuming         # a checkpoint of this run is here
-        self.kept_init = False           # whether INIT_FILE holds the backbone's starting weights
-        self.info = RunInfo()
-
-    @classmethod
-    def open(cls, cfg, command: str, device, settings=None) -> "Run":
-        """The run directory, agreed on by every torchrun rank, after every check before any work."""
-        from peftsmooth.training import preflight, resume_fingerprint
-
-        dist_info = init_distributed(device)
-        path = broadcast_object(run_directory(cfg, command), dist_info)
-        fingerprint = resume_fingerprint(cfg)
-        checkpoint = preflight(path, fingerprint, dist_info.device, settings)
-        return cls(command, path, dist_info, fingerprint, resuming=checkpoint is not None)
-
-    def build_classifier(self, model_cfg, dataset_cfg):
-        """The classifier of `model_cfg` for the dataset. A randomly initialised backbone (tiny test
-        models) is kept in INIT_FILE so that load_run rebuilds it exactly: saved on a fresh start,
-        read back when resuming. `model_cfg.checkpoint` then names that file (for run.json)."""
-        from peftsmooth.models import build_classifier, save_state_dict_file
-
-        self.kept_init = is_random_init(model_cfg)
-        kept = self.path / INIT_FILE
-        reuse = self.kept_init and self.resuming and kept.is_file()
-        if reuse:
-            model_cfg.checkpoint = str(kept)
-        classifier = build_classifier(model_cfg, int(dataset_cfg.num_classes), list(dataset_cfg.image_size))
-        if self.kept_init and not reuse:
-            if self.dist_info.is_main:
-                save_state_dict_file(classifier.backbone.state_dict(), kept)
-            model_cfg.checkpoint = str(kept)
-        return classifier
-
-    def start(self, info: RunInfo) -> None:
-        """Record the run before the work: run.json with finished=false (rank 0)."""
-        from peftsmooth.config import output_dir
-
-        self.info = info.updated(command=self.command, argv=command_line(self.command), finished=False)
-        if self.dist_info.is_main:
-            self.info = self.info.write(self.path)
-        _drop_stray_dir(output_dir().resolve(), self.path)
-
-    def evaluate_once(self, model: nn.Module, evaluate) -> dict:
-        """The metrics line of a run that trains nothing (epoch 0), written like fit's."""
-        from peftsmooth.training import evaluation_record
-
-        return evaluation_record(model, evaluate, self.path, self.dist_info)
-
-    def finish(self, files: list[str], **values: Any) -> RunInfo:
-        """run.json with finished=true, listing the files recorded at start, the kept init and
-        `files` (what the method saved); then leave the torchrun process group."""
-        kept = [INIT_FILE] if self.kept_init else []
-        self.info = self.info.updated(files=[*self.info.files, *kept, *files], finished=True, **values)
-        if self.dist_info.is_main:
-            self.info = self.info.write(self.path)
-        shutdown(self.dist_info)
-        return self.info

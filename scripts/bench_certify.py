@@ -6,7 +6,7 @@
     python scripts/bench_certify.py --smoke          # a tiny ViT on CPU in a few seconds (CI)
 
 For every (precision, compile, channels_last) configuration it times CERTIFY of one image (n0 + n
-samples, after a warm-up outside the timed region) with `peftsmooth.smoothing.Smooth`, and, once per
+samples, after a warm-up outside the timed region) with `peftsmooth.certify.smoothing.Smooth`, and, once per
 model, the reference sampler below: Cohen et al.'s `core.py` loop (fp32, `randn_like` noise, counts
 copied to the host and tallied in Python after every batch). It prints a table (stderr) and one JSON
 line per configuration (stdout, and appended to --out): samples/s of both, their ratio, FLOPs per
@@ -182,9 +182,9 @@ def main(argv=None) -> list[dict]:
         torch.set_num_threads(args.threads)
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from peftsmooth.engine import AUTO_BATCH
+    from peftsmooth.certify.engine import AUTO_BATCH
     from peftsmooth.runtime import resolve_device
-    from peftsmooth.smoothing import Smooth
+    from peftsmooth.certify.smoothing import Smooth
 
     device = resolve_device(args.device)
     eager = build_model(args).to(device)

@@ -39,9 +39,9 @@ from typing import Callable, Sequence
 import numpy as np
 from scipy.stats import norm
 
-from peftsmooth.results import TSV_FILE, read_tsv
-from peftsmooth.sequential import DEFAULT_MAX_RADIUS_LOSS, FINAL_SHARE, UPPER_ALPHA, certify_sequential, look_plan
-from peftsmooth.stats import clopper_pearson_lower, radius
+from peftsmooth.certify.results import TSV_FILE, read_tsv
+from peftsmooth.certify.sequential import DEFAULT_MAX_RADIUS_LOSS, FINAL_SHARE, UPPER_ALPHA, certify_sequential, look_plan
+from peftsmooth.certify.stats import clopper_pearson_lower, radius
 
 BENCH_RADII = (0.25, 0.5, 0.75, 1.0)
 GRID = (0.0, 0.25, 0.5, 0.75, 1.0)  # radii of the certified-accuracy columns

@@ -52,7 +52,7 @@ def compose(command: str, overrides: list[str] | None = None, run_dir=None):
 def kill_after_epoch(epoch: int, train, *args, **kwargs) -> None:
     """Run `train(*args, **kwargs)` "killed" (a KeyboardInterrupt) right after the checkpoint of
     `epoch` is written, as a resume test needs it."""
-    from peftsmooth import train_state
+    from peftsmooth.train import state as train_state
 
     original = train_state._save_checkpoint
 

@@ -14,7 +14,7 @@ from peftsmooth.data import build_dataset
 from peftsmooth.errors import UserError
 from peftsmooth.models import build_classifier, count_parameters, save_state_dict_file
 from peftsmooth.runs import load_run, to_plain, write_run_info
-from peftsmooth.training import TrainSettings, fit
+from peftsmooth.train.loop import TrainSettings, fit
 
 METHODS = group_choices("peft")
 

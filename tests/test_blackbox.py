@@ -272,7 +272,7 @@ def test_cli_bad_spsa_value_is_one_line_exit_2(tmp_path):
 def test_resumed_spsa_run_matches_the_uninterrupted_run(tmp_path, fitted_state):
     from torch.utils.data import TensorDataset
 
-    from peftsmooth.training import TrainSettings, fit
+    from peftsmooth.train.loop import TrainSettings, fit
 
     x, y = _digits(64)
     data = TensorDataset(x, y)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import TINY, compose
 
-from peftsmooth import results
+from peftsmooth.certify import results
 from peftsmooth.adapt.peft_tuners import merge_exact
 from peftsmooth.commands.certify import run_certify
 from peftsmooth.commands.merge import run_merge

@@ -8,7 +8,7 @@ import torch.nn as nn
 from conftest import TINY, compose
 
 from peftsmooth.models import build_classifier
-from peftsmooth.smoothing import Smooth, image_seed
+from peftsmooth.certify.smoothing import Smooth, image_seed
 
 
 class OutOfMemoryAbove(nn.Module):

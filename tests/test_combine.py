@@ -15,14 +15,16 @@ from test_refusals import hydra_logging  # noqa: F401 - the fixture
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-from peftsmooth import cli, results, train_watch
+from peftsmooth import cli
+from peftsmooth.certify import results
+from peftsmooth.train import watch as train_watch
 from peftsmooth.adapt.peft_tuners import merge_exact
 from peftsmooth.commands.certify import check_certify, run_certify
 from peftsmooth.commands.combine import run_combine
 from peftsmooth.commands.train import run_train
 from peftsmooth.errors import UserError
 from peftsmooth.library import combine
-from peftsmooth.report import build_report
+from peftsmooth.report.render import build_report
 from peftsmooth.runs import load_run, read_run_info
 
 QUICK = ["train.epochs=1", "train.batch_size=16", "train.max_steps_per_epoch=2", "train.max_eval=16",

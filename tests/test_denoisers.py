@@ -1,5 +1,5 @@
 """Denoiser architectures, objectives and the one-shot diffusion step (peftsmooth.front.denoisers,
-peftsmooth.front.diffusion, the denoiser objectives of peftsmooth.losses)."""
+peftsmooth.front.diffusion, the denoiser objectives of peftsmooth.train.losses)."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ from conftest import compose
 from peftsmooth.errors import UserError
 from peftsmooth.front.denoisers import DenoisedClassifier
 from peftsmooth.front.diffusion import OneShotDiffusion, check_image_size, noise_ratio, timestep_for_sigma
-from peftsmooth.losses import OBJECTIVES, build_objective
+from peftsmooth.train.losses import OBJECTIVES, build_objective
 from peftsmooth.models import BaseClassifier
-from peftsmooth.training import Batch
+from peftsmooth.train.loop import Batch
 
 # Each architecture, shrunk to run in a second on CPU (the full sizes are the configs' defaults).
 CNN_DENOISERS = {

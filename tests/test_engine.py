@@ -1,15 +1,15 @@
-"""peftsmooth.engine on its own: image selection, resume with a torn tail, the mode registry, samples."""
+"""peftsmooth.certify.engine on its own: image selection, resume with a torn tail, the mode registry, samples."""
 
 import pytest
 import torch
 import torch.nn as nn
 from omegaconf import OmegaConf
 
-from peftsmooth import engine, results
+from peftsmooth.certify import engine, results
 from peftsmooth.config import conf_dir
-from peftsmooth.engine import Mode, Settings, certify_into, certify_rows, resume_rows, select_indices
+from peftsmooth.certify.engine import Mode, Settings, certify_into, certify_rows, resume_rows, select_indices
 from peftsmooth.errors import UserError
-from peftsmooth.smoothing import Smooth, image_seed
+from peftsmooth.certify.smoothing import Smooth, image_seed
 
 IDENTITY = {"mode": "cohen", "n0": 8, "n": 40, "alpha": 0.01, "sigma": 0.5, "seed": 0, "precision": "fp32",
             "dataset": "toy"}
@@ -132,7 +132,7 @@ def test_settings_checks_and_batch_size():
 
 
 def test_sequential_rows_match_image_by_image_certify_sequential(smooth, dataset):
-    from peftsmooth.sequential import sequential_certificate
+    from peftsmooth.certify.sequential import sequential_certificate
 
     s = settings("sequential", n_max=500, n=500, batch_size=32, radius_grid=[0.0, 0.25, 0.5])
     assert s.options == {"n_max": 500, "stop": "radii", "radii": [0.25, 0.5], "max_radius_loss": None}

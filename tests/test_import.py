@@ -11,10 +11,12 @@ from pathlib import Path
 import pytest
 from conftest import compose
 
-from peftsmooth import cli, import_logs, results
+from peftsmooth import cli
+from peftsmooth.report import import_logs
+from peftsmooth.certify import results
 from peftsmooth.commands.import_logs import run_import
 from peftsmooth.errors import UserError
-from peftsmooth.report import build_report, curves_by_method
+from peftsmooth.report.render import build_report, curves_by_method
 
 HEADER = "idx\tlabel\tpredict\tradius\tcorrect\ttime\n"
 # rows as Cohen's certify.py prints them: radius with 3 digits, time a datetime.timedelta

@@ -240,7 +240,7 @@ def test_every_adapter_method_quantizes_and_loads_as_its_dequantized_tensors(met
 
 def test_certify_and_report_treat_a_quantized_run_like_any_other(runs, tmp_path):
     from peftsmooth.commands.certify import run_certify
-    from peftsmooth.report_table import build_report
+    from peftsmooth.report.table import build_report
 
     root, made = runs
     out = made["lora", 4]["out"]

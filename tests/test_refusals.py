@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from peftsmooth import cli, hub, train_watch
+from peftsmooth import cli, hub
+from peftsmooth.train import watch as train_watch
 
 TINY = ["dataset=digits", "device=cpu", "model=vit_tiny"]
 # (arguments, a piece of the one-line error): every command, refused before Hydra starts

@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from peftsmooth import results, tsv
+from peftsmooth.certify import results, tsv
 from peftsmooth.errors import UserError
 
 COHEN_HEADER = "idx\tlabel\tpredict\tradius\tcorrect\ttime\n"

@@ -1,4 +1,4 @@
-"""MACER and SmoothAdv (peftsmooth.robust_losses): hand-computed terms, the PGD step, projection and
+"""MACER and SmoothAdv (peftsmooth.train.robust_losses): hand-computed terms, the PGD step, projection and
 warm-up, no parameter gradient from the attack, option checks, and training / exact resume on digits."""
 
 from __future__ import annotations
@@ -14,14 +14,14 @@ from torch.utils.data import TensorDataset
 
 from conftest import TINY, compose, kill_after_epoch
 
-from peftsmooth import train_state, train_watch
+from peftsmooth.train import state as train_state, watch as train_watch
 from peftsmooth.commands.train import check_train, run_train
 from peftsmooth.errors import UserError
-from peftsmooth.losses import OBJECTIVES, Batch, Progress, build_objective
+from peftsmooth.train.losses import OBJECTIVES, Batch, Progress, build_objective
 from peftsmooth.runs import read_run_info
-from peftsmooth.robust_losses import (Macer, SmoothAdv, macer_terms, pgd_step, project_l2, smooth_pgd,
+from peftsmooth.train.robust_losses import (Macer, SmoothAdv, macer_terms, pgd_step, project_l2, smooth_pgd,
                                       smoothed_ce, warmup_epsilon)
-from peftsmooth.training import TrainSettings, fit, read_metrics
+from peftsmooth.train.loop import TrainSettings, fit, read_metrics
 
 # Three images, two noisy copies each, three classes: logits[copy][image].
 LOGITS = torch.tensor([[[2.0, 0, 0], [1, 0, 0], [3, 0, 0]],

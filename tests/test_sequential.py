@@ -20,11 +20,11 @@ import torch
 import torch.nn as nn
 from scipy.stats import beta, norm
 
-from peftsmooth.sequential import (CERTIFIED, DEFAULT_RADII, IMPOSSIBLE, OPEN, UNREACHABLE, LookPlan,
+from peftsmooth.certify.sequential import (CERTIFIED, DEFAULT_RADII, IMPOSSIBLE, OPEN, UNREACHABLE, LookPlan,
                                    certify_sequential, look_plan, sequential_certificate,
                                    smooth_certify_sequential, stop_rule, thresholds)
-from peftsmooth.smoothing import ESTIMATION, Smooth
-from peftsmooth.stats import clopper_pearson_lower, clopper_pearson_upper, lower_confidence_bound
+from peftsmooth.certify.smoothing import ESTIMATION, Smooth
+from peftsmooth.certify.stats import clopper_pearson_lower, clopper_pearson_upper, lower_confidence_bound
 
 ALPHA, SIGMA, N_MAX = 0.1, 0.5, 4096
 GRID = (0.25, 0.5, 0.75, 1.0)

@@ -11,8 +11,8 @@ import torch
 import torch.nn as nn
 from scipy.stats import binom, norm
 
-from peftsmooth.smoothing import NOISE_BLOCK, Smooth, image_seed
-from peftsmooth.stats import lower_confidence_bound
+from peftsmooth.certify.smoothing import NOISE_BLOCK, Smooth, image_seed
+from peftsmooth.certify.stats import lower_confidence_bound
 
 SHAPE = (1, 2, 2)
 
@@ -195,7 +195,7 @@ def test_bad_constructor_arguments():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (host synchronization and GPU memory)")
 def test_gpu_phase_has_no_host_sync_and_memory_independent_of_n():
-    from peftsmooth.smoothing import NoiseStream
+    from peftsmooth.certify.smoothing import NoiseStream
 
     f = Linear2(W, 0.0).cuda()
     g = Smooth(f, 2, 0.5)
@@ -215,17 +215,31 @@ def test_gpu_phase_has_no_host_sync_and_memory_independent_of_n():
 
 
 def test_noise_seeds_are_the_blake2b_ones_and_precisions_are_shared():
-    """image_seed and the noise blocks keep their seeds (runtime.hash_seed: blake2b of the parts' repr),
-    so certifications made before and after resume into the same rows."""
+    """image_seed keeps its seed (runtime.hash_seed: blake2b of the parts' repr), and block k of a phase is
+    seeded with the image's blake2b noise base plus MurmurHash3's finalizer of (phase index << 30) + k in
+    the low 32 bits (noise scheme blocks-v2), so certifications made before and after resume into the
+    same rows."""
     import hashlib
 
-    from peftsmooth import runtime, smoothing
+    from peftsmooth import runtime
+    from peftsmooth.certify import smoothing
 
     def blake(*parts):
         return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little") & ((1 << 63) - 1)
 
+    def fmix32(h):
+        h ^= h >> 16
+        h = (h * 0x85EBCA6B) & 0xFFFFFFFF
+        h ^= h >> 13
+        h = (h * 0xC2B2AE35) & 0xFFFFFFFF
+        return h ^ (h >> 16)
+
     assert image_seed(3, 17) == blake("image", 3, 17)
-    stream = smoothing.NoiseStream(11, "selection", SHAPE, 0.5, torch.device("cpu"))
-    expected = torch.randn((NOISE_BLOCK, *SHAPE), generator=torch.Generator().manual_seed(blake(11, "selection", 0)))
-    torch.testing.assert_close(stream.take(NOISE_BLOCK), expected * 0.5, rtol=0, atol=0)
+    base = blake("noise", 11)
+    for phase, index in (("selection", 0), ("estimation", 1)):
+        stream = smoothing.NoiseStream(11, phase, SHAPE, 0.5, torch.device("cpu"))
+        stream.take(NOISE_BLOCK)  # block 0
+        seed = (base >> 32) << 32 | ((base + fmix32((index << 30) + 1)) & 0xFFFFFFFF)
+        expected = torch.randn((NOISE_BLOCK, *SHAPE), generator=torch.Generator().manual_seed(seed))
+        torch.testing.assert_close(stream.take(NOISE_BLOCK), expected * 0.5, rtol=0, atol=0)
     assert smoothing.PRECISIONS is runtime.PRECISIONS

@@ -6,7 +6,7 @@ import pytest
 from scipy.stats import binom, binomtest, norm
 from statsmodels.stats.proportion import proportion_confint
 
-from peftsmooth.stats import binomial_pvalue, lower_confidence_bound, radius
+from peftsmooth.certify.stats import binomial_pvalue, lower_confidence_bound, radius
 
 GRID = [(nA, n, alpha)
         for n in (1, 2, 10, 100, 1000, 100000)

@@ -112,8 +112,8 @@ def test_multirun_jobs_get_readable_directories(sweep):
 
 def test_report_over_the_sweep_equals_the_summaries(sweep, tmp_path):
     from peftsmooth.commands.report import run_report
-    from peftsmooth.report import build_report, curves_by_method
-    from peftsmooth.results import radius_key
+    from peftsmooth.report.render import build_report, curves_by_method
+    from peftsmooth.certify.results import radius_key
 
     root, runs = sweep
     grid = [0.25, 0.5, 0.75, 1.0]

@@ -23,7 +23,7 @@ from peftsmooth.config import conf_dir, group_choices
 from peftsmooth.errors import UserError
 from peftsmooth.models import build_classifier, module_tree, save_state_dict_file
 from peftsmooth.runs import RunInfo, load_run, to_plain, write_run_info
-from peftsmooth.smoothing import Smooth
+from peftsmooth.certify.smoothing import Smooth
 
 METHODS = [m for m in group_choices("peft") if not m.startswith("blackbox")]
 # resnet10t with narrow stages at a 16x16 input; zero_init_last=false so that the branch convs get
@@ -205,7 +205,7 @@ def test_train_lr_defaults_come_from_the_method(method):
 
 
 def test_the_command_line_lr_wins_and_is_what_run_json_and_resume_record():
-    from peftsmooth.training import resume_fingerprint
+    from peftsmooth.train.loop import resume_fingerprint
 
     assert compose("train", TINY + ["peft=none"]).train.lr == 1e-3  # a method without defaults
     cfg = compose("train", TINY + ["peft=lora", "train.lr=0.123", "train.weight_decay=0.5"])

@@ -1,4 +1,4 @@
-"""Every reader of certify.tsv (certify resume, merge, report, import) goes through peftsmooth.tsv with
+"""Every reader of certify.tsv (certify resume, merge, report, import) goes through peftsmooth.certify.tsv with
 the same guarantees: our own torn last line is dropped; any other malformed line is one UserError
 naming the file and the line (exit 2 through the CLI), and nothing is written. Files only, no model."""
 
@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from conftest import compose
 
-from peftsmooth import results, tsv
-from peftsmooth.engine import resume_rows
+from peftsmooth.certify import results, tsv
+from peftsmooth.certify.engine import resume_rows
 from peftsmooth.errors import UserError
 
 HEADER = "idx\tlabel\tpredict\tradius\tcorrect\ttime\n"

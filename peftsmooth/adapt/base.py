@@ -70,7 +70,7 @@ class ZerothOrderAdaptation(Adaptation):
 
     def training_step(self, model: nn.Module, x_noisy: torch.Tensor, y: torch.Tensor) -> dict:
         """Update the trainable parameters in place; return at least {'loss': float} (see
-        `peftsmooth.training` for `correct` and the summed extra fields)."""
+        `peftsmooth.train.loop` for `correct` and the summed extra fields)."""
         raise NotImplementedError  # pragma: no cover - abstract
 
     def state_dict(self) -> dict | None:

@@ -10,8 +10,8 @@ resumes), `outputs/certify/<mode>_<model>_<dataset>/<time>` otherwise, `certify.
 a given one. `certify.shard=i certify.num_shards=k` certifies every k-th selected image into
 `<dir>/shard{i}of{k}`; `peftsmooth merge <dir>` combines the shards.
 
-This is the driver: settings (peftsmooth.engine.Settings) -> classifier (peftsmooth.classifier) ->
-engine (peftsmooth.engine: selection, resume, one row per image) -> results (peftsmooth.results).
+This is the driver: settings (peftsmooth.certify.engine.Settings) -> classifier (peftsmooth.certify.classifier) ->
+engine (peftsmooth.certify.engine: selection, resume, one row per image) -> results (peftsmooth.certify.results).
 """
 
 from __future__ import annotations
@@ -25,13 +25,13 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from peftsmooth import results
-from peftsmooth.classifier import certify_sigma, check_num_classes, load_classifier, prepare_for_certify
+from peftsmooth.certify import results
+from peftsmooth.certify.classifier import certify_sigma, check_num_classes, load_classifier, prepare_for_certify
 from peftsmooth.config import _remove_if_unstarted, hydra_app, output_dir
 from peftsmooth.distributed import DistInfo, barrier, broadcast_object, init_distributed, shutdown
-from peftsmooth.engine import Settings, certify_into, certify_rows, resume_rows, select_indices
+from peftsmooth.certify.engine import Settings, certify_into, certify_rows, resume_rows, select_indices
 from peftsmooth.errors import UserError, require
-from peftsmooth.smoothing import Smooth
+from peftsmooth.certify.smoothing import Smooth
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def check_certify(cfg) -> Settings:
 
 def run_certify(cfg) -> dict:
     from peftsmooth.data import build_dataset
-    from peftsmooth.progress import CertifyProgress
+    from peftsmooth.certify.progress import CertifyProgress
     from peftsmooth.runtime import resolve_device, seed_everything
 
     s = check_certify(cfg)

@@ -17,7 +17,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from peftsmooth import results
+from peftsmooth.certify import results
 from peftsmooth.config import hydra_app, output_dir
 from peftsmooth.errors import UserError, choice_error, require
 from peftsmooth.runs import read_json, write_json
@@ -52,7 +52,7 @@ def check_demo(cfg) -> None:
     from omegaconf import OmegaConf
 
     from peftsmooth.config import conf_dir, group_choices
-    from peftsmooth.engine import Settings
+    from peftsmooth.certify.engine import Settings
 
     models = group_choices("model")
     if str(cfg.model) not in models:

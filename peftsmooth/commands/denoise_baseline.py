@@ -5,7 +5,7 @@
 
 The classifier comes from `model=...` (off-the-shelf) or `base=<train run dir>` (rebuilt with
 `load_run`); it is frozen. A CNN denoiser is trained by the shared training loop
-(`peftsmooth.training.fit`) with the objective `denoiser.objective`; a `ddpm` denoiser is used as
+(`peftsmooth.train.loop.fit`) with the objective `denoiser.objective`; a `ddpm` denoiser is used as
 it is. The run directory has train's contract (`run.json` with `front` = the denoiser config), so
 `peftsmooth certify run=<dir>` certifies denoiser -> classifier with no special casing.
 """
@@ -100,7 +100,7 @@ def _method(name: str, denoiser_cfg) -> str:
 
 def _eval_settings(train_cfg):
     """Only the evaluation settings of the train block (a ddpm run has nothing to optimize)."""
-    from peftsmooth.training import TrainSettings
+    from peftsmooth.train.settings import TrainSettings
 
     keys = ("eval_batch_size", "max_eval", "precision")
     return TrainSettings.from_cfg({k: train_cfg[k] for k in keys if k in train_cfg})
@@ -109,7 +109,7 @@ def _eval_settings(train_cfg):
 def denoiser_evaluator(test_set, sigma: float, settings, seed: int):
     """Clean / noisy accuracy of f(D(.)) (the shared evaluator) plus the denoiser's test MSE on the
     same kind of seeded noise: ||D(x + noise) - x||^2 per pixel."""
-    from peftsmooth.training import accuracy_evaluator, add_noise, eval_loader
+    from peftsmooth.train.loop import accuracy_evaluator, add_noise, eval_loader
 
     accuracy = accuracy_evaluator(test_set, sigma, settings, seed)
     loader = eval_loader(test_set, settings)
@@ -138,11 +138,12 @@ def check_denoise_baseline(cfg) -> None:
     Hydra starts): the denoiser's class, objective and init run, train.*, resume=, base= or the model."""
     from hydra.utils import get_class
 
-    from peftsmooth.losses import build_objective
+    from peftsmooth.train.losses import build_objective
     from peftsmooth.models import check_model_config
-    from peftsmooth.runs import check_resume, read_run_info
+    from peftsmooth.runs import read_run_info
+    from peftsmooth.train.run import check_resume
     from peftsmooth.runtime import resolve_device
-    from peftsmooth.training import TrainSettings, check_precision
+    from peftsmooth.train.settings import TrainSettings, check_precision
 
     try:
         trains = bool(getattr(get_class(str(cfg.denoiser._target_)), "trains", True))
@@ -162,10 +163,10 @@ def run_denoise_baseline(cfg) -> dict:
     from hydra.utils import instantiate
 
     from peftsmooth.front.denoisers import DenoisedClassifier
-    from peftsmooth.losses import build_objective
-    from peftsmooth.runs import Run
+    from peftsmooth.train.losses import build_objective
+    from peftsmooth.train.run import Run
     from peftsmooth.runtime import resolve_device, seed_everything
-    from peftsmooth.training import TrainSettings
+    from peftsmooth.train.settings import TrainSettings
 
     # --- everything that can be wrong is checked before any work
     check_denoise_baseline(cfg)
@@ -216,7 +217,7 @@ def _run_info(cfg, run, base: RunInfo | None, method: str, fields: dict, model, 
 def _train_or_evaluate(cfg, run, front, model, objective, settings, method: str) -> tuple[dict, list]:
     """Train the denoiser with the shared loop, or (ddpm) evaluate once as "epoch 0"."""
     from peftsmooth.data import build_dataset
-    from peftsmooth.training import fit
+    from peftsmooth.train.loop import fit
 
     data_cfg = OmegaConf.create(run.info.dataset)
     test_set = build_dataset(data_cfg, "test")

@@ -4,7 +4,7 @@
     peftsmooth report imports/ outputs/    # the published rows beside ours, marked `imported`
 
 Turns Cohen-format certification logs of other tools (any file name) into one certification
-directory that `report` reads like its own (peftsmooth.import_logs). Every log is read and checked
+directory that `report` reads like its own (peftsmooth.report.import_logs). Every log is read and checked
 before anything is written; out defaults to imports/<dataset>_<model>_<method>_sigma<s>/. An existing
 out is refused unless it holds exactly this import (then nothing changes).
 """
@@ -15,7 +15,8 @@ import logging
 import math
 from pathlib import Path
 
-from peftsmooth import import_logs, results
+from peftsmooth.report import import_logs
+from peftsmooth.certify import results
 from peftsmooth.config import hydra_app, output_dir
 from peftsmooth.errors import require
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from peftsmooth import results
+from peftsmooth.certify import results
 from peftsmooth.config import hydra_app, output_dir
 from peftsmooth.errors import require
 

@@ -1,6 +1,6 @@
 """`peftsmooth report <dir> [<dir>...]`: one comparison table (Markdown, CSV, rich) and one plot.
 
-The table and plot live in `peftsmooth.report` (plain functions the tests call); this module only
+The table and plot live in `peftsmooth.report.render` (plain functions the tests call); this module only
 checks the options, writes the three files atomically and prints the table.
 """
 
@@ -26,7 +26,7 @@ def _radius_grid(cfg) -> list[float]:
 
 def check_report(cfg) -> tuple[list[str], list[float]]:
     """The directories (each must exist) and the radius grid, before anything is read."""
-    from peftsmooth.report_table import check_dirs
+    from peftsmooth.report.table import check_dirs
 
     dirs = [str(d) for d in (cfg.get("dirs") or [])]
     require(bool(dirs), "dirs is empty: give the directories to scan, e.g. `peftsmooth report outputs/`")
@@ -37,7 +37,7 @@ def check_report(cfg) -> tuple[list[str], list[float]]:
 def run_report(cfg) -> dict:
     from rich.console import Console
 
-    from peftsmooth.report import build_report, plot_report, rich_table, to_csv, to_markdown
+    from peftsmooth.report.render import build_report, plot_report, rich_table, to_csv, to_markdown
     from peftsmooth.runtime import atomic_write_text
 
     dirs, grid = check_report(cfg)

@@ -4,7 +4,7 @@
 
 Builds the base classifier (`model=...`, or the fine-tuned weights of `base=<run dir>`), applies
 the adaptation chosen by conf/peft/<method>.yaml (its `_target_`), trains it with the shared loop
-(peftsmooth.training.fit) and writes run.json, metrics.jsonl, checkpoint.pt and the method's
+(peftsmooth.train.loop.fit) and writes run.json, metrics.jsonl, checkpoint.pt and the method's
 weights (peft's adapter files, model.safetensors, ...) into the run directory.
 """
 
@@ -59,12 +59,12 @@ def check_train(cfg) -> Checked:
     starts): train.*, the loss, the method, resume=, base=, the model's name and weight files, and
     that the method can adapt the model (on its module tree without weights)."""
     from peftsmooth.adapt import build_adaptation
-    from peftsmooth.losses import objective_from_cfg
+    from peftsmooth.train.losses import objective_from_cfg
     from peftsmooth.models import check_model_config, module_tree
-    from peftsmooth.runs import check_resume
+    from peftsmooth.train.run import check_resume
     from peftsmooth.runtime import resolve_device
-    from peftsmooth.train_phases import check_method
-    from peftsmooth.training import TrainSettings, check_precision
+    from peftsmooth.train.phases import check_method
+    from peftsmooth.train.settings import TrainSettings, check_precision
 
     settings = TrainSettings.from_cfg(cfg.train)
     loss_name, objective = objective_from_cfg(cfg.train)
@@ -86,10 +86,10 @@ def check_train(cfg) -> Checked:
 
 def run_train(cfg) -> dict:
     from peftsmooth.data import build_dataset
-    from peftsmooth.runs import Run
+    from peftsmooth.train.run import Run
     from peftsmooth.runtime import resolve_device, seed_everything
-    from peftsmooth.train_phases import schedule_info
-    from peftsmooth.training import accuracy_evaluator
+    from peftsmooth.train.phases import schedule_info
+    from peftsmooth.train.loop import accuracy_evaluator
 
     # ---- every check before any work
     settings, loss_name, objective, adapt, method, model_cfg, model_name, base = check_train(cfg)
@@ -139,7 +139,7 @@ def _run_info(cfg, adapt, method: str, model_cfg, model_name: str, base: Path | 
 
 def _fit(run, cfg, model, train_set, settings, objective, evaluate, adapt, method: str) -> tuple[dict, list]:
     """The shared loop on this run (zeroth-order methods bring their own training_step)."""
-    from peftsmooth.training import fit
+    from peftsmooth.train.loop import fit
 
     result = fit(model, train_set, sigma=float(cfg.sigma), settings=settings, run_dir=run.path, objective=objective,
                  evaluate=evaluate, save=adapt.save, config=run.fingerprint, seed=int(cfg.seed),

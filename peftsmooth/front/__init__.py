@@ -13,5 +13,5 @@ the front trains where `runs.load_run` rebuilds it, as the classifier's `front`.
     spsa.py         SPSA-GC, the zeroth-order optimizer of the coordinator
     blackbox.py     the black-box adaptations (`peft=blackbox`, `peft=blackbox_fo`) and the query oracle
 
-The objectives that train a denoiser are in `peftsmooth.losses`, with every other objective.
+The objectives that train a denoiser are in `peftsmooth.train.losses`, with every other objective.
 """

@@ -3,7 +3,7 @@
 Trained CNN denoisers (Salman et al. 2020, "Denoised Smoothing"): DnCNN (depth 17, 64 channels),
 DnCNN-wide (128 channels) and MemNet (3 memory blocks of 6 residual blocks with a gate unit), each
 trained by `peftsmooth denoise-baseline` with one of the `denoiser.objective` objectives of
-`peftsmooth.losses`. The one-shot diffusion denoiser is in `peftsmooth.front.diffusion`.
+`peftsmooth.train.losses`. The one-shot diffusion denoiser is in `peftsmooth.front.diffusion`.
 
 A denoiser sits after the noise, in native [0,1] pixel space, before the classifier's preprocessing
 (docs/architecture.md, section 1): it is `BaseClassifier.front`, while it trains (`DenoisedClassifier`)
@@ -147,7 +147,7 @@ class DenoisedClassifier(nn.Module):
     switches only the denoiser.
 
     `part` picks what runs: "all" = f(D(x)), "denoiser" = D(x), "classifier" = f(x) (the clean
-    reference of the stability objective); see the denoiser objectives in `peftsmooth.losses`.
+    reference of the stability objective); see the denoiser objectives in `peftsmooth.train.losses`.
     Going through forward keeps DataParallel wrappers valid. The denoiser and the classifier are
     registered first, so a checkpoint names their tensors `denoiser.*` and `classifier.*`.
     """

@@ -19,6 +19,8 @@ import numpy as np
 from scipy.special import betaincinv
 from scipy.stats import beta, binomtest, norm
 
+ABSTAIN = -1  # the prediction of an abstention (Cohen's Smooth.ABSTAIN)
+
 
 def lower_confidence_bound(nA: int, n: int, alpha: float) -> float:
     """P(pA >= returned value) >= 1 - alpha over the draw of nA ~ Binomial(n, pA)."""

@@ -11,7 +11,7 @@ follow the authors' released code, whose formulas and normalisation are reproduc
   Smoothed Classifiers"): L2 PGD against the soft smoothed classifier (`smooth_pgd`), then
   cross-entropy on all m noisy copies of the adversarial image ("multi-noise" training).
 
-An objective that follows a schedule reads `batch.progress` (peftsmooth.losses.Progress: the global
+An objective that follows a schedule reads `batch.progress` (peftsmooth.train.losses.Progress: the global
 optimizer step, restored on resume), e.g. SmoothAdv's epsilon warm-up.
 
 Where we differ from the authors' code, and why:
@@ -32,16 +32,14 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from peftsmooth.errors import require
-
-if TYPE_CHECKING:
-    from peftsmooth.losses import Batch, Progress
+from peftsmooth.train.batch import Batch, Progress
 
 
 def number_option(loss: str, key: str, value, minimum: float, *, integer: bool = False,

@@ -13,7 +13,7 @@ summary.json with; summary.json gives only the metadata (method, model, sigma, n
 - Logs of other tools brought in by `peftsmooth import` are certifications like any other, marked
   `imported` (their summary.json names the source files).
 
-`build_report(dirs, radius_grid)` returns the table rows and the certifications; `peftsmooth.report`
+`build_report(dirs, radius_grid)` returns the table rows and the certifications; `peftsmooth.report.render`
 renders them (Markdown, CSV, rich, plot).
 """
 
@@ -24,9 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from peftsmooth import results
+from peftsmooth.certify import results
 from peftsmooth.errors import UserError
-from peftsmooth.report_scan import Certification, find_certifications
+from peftsmooth.report.scan import Certification, find_certifications
 from peftsmooth.runs import read_run_info
 
 DEFAULT_RADII = (0.25, 0.5, 0.75, 1.0)

@@ -24,12 +24,12 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 
-from peftsmooth import results
+from peftsmooth.certify import results
 from peftsmooth.distributed import rank_share
 from peftsmooth.errors import UserError, choice_error, require
 from peftsmooth.runtime import PRECISIONS
-from peftsmooth.sequential import STOP_RULES, sequential_certificates, stop_rule
-from peftsmooth.smoothing import Smooth, image_seed, selection_group
+from peftsmooth.certify.sequential import STOP_RULES, sequential_certificates, stop_rule
+from peftsmooth.certify.smoothing import Smooth, image_seed, selection_group
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +128,7 @@ class Predict(Mode):
 
 @register("sequential")
 class Sequential(Certify):
-    """Sequential CERTIFY (peftsmooth.sequential): CERTIFY's selection (packed, `Certify.group_size`), then
+    """Sequential CERTIFY (peftsmooth.certify.sequential): CERTIFY's selection (packed, `Certify.group_size`), then
     estimation samples look by look up to certify.n_max, stopped as soon as the stopping rule
     (certify.stop) is settled; a time-uniform lower bound keeps the certificate's failure probability
     at alpha (validity rule 6)."""

@@ -69,8 +69,8 @@ import numpy as np
 from scipy.special import ndtri
 from scipy.stats import norm
 
-from peftsmooth.smoothing import ESTIMATION, NoiseStream, Smooth, _check_args, _fresh_seed
-from peftsmooth.stats import clopper_pearson_lower, clopper_pearson_upper, radius
+from peftsmooth.certify.noise import ESTIMATION, NoiseStream, check_args, fresh_seed
+from peftsmooth.certify.stats import ABSTAIN, clopper_pearson_lower, clopper_pearson_upper, radius
 
 FIRST_LOOK = 128  # estimation samples at the first look
 # Ratio between consecutive looks: a radii decision is a threshold crossing, and a finer grid stops closer
@@ -277,7 +277,7 @@ class SequentialCertificate:
     seconds: float = field(default=0.0, compare=False)  # wall time (its share of a packed selection pass included)
 
 
-def sequential_certificates(g: Smooth, xs: Iterable, seeds: Iterable[int], n0: int, n_max: int, alpha: float,
+def sequential_certificates(g, xs: Iterable, seeds: Iterable[int], n0: int, n_max: int, alpha: float,
                             batch_size: int, *, pack: bool = True, stop: str | None = None,
                             radii: Sequence[float] | None = None, max_radius_loss: float | None = None,
                             precision: str | None = None) -> Iterator[SequentialCertificate]:
@@ -288,7 +288,7 @@ def sequential_certificates(g: Smooth, xs: Iterable, seeds: Iterable[int], n0: i
     in order, so running to n_max sees exactly the samples of `g.certify(x, n0, n_max, ...)`, and no
     batch size changes a decision. All arguments are checked before anything is sampled.
     """
-    _check_args(n0=n0, n=n_max, alpha=alpha, batch_size=batch_size)
+    check_args(n0=n0, n=n_max, alpha=alpha, batch_size=batch_size)
     rule = stop_rule(stop, radii, max_radius_loss)
     plan = look_plan(n_max, alpha, stop=rule.stop)
     with g._precision(precision):
@@ -301,18 +301,18 @@ def sequential_certificates(g: Smooth, xs: Iterable, seeds: Iterable[int], n0: i
 
             result = certify_sequential(draw, n_max, alpha, g.sigma, stop=rule.stop, radii=rule.radii or None,
                                         max_radius_loss=rule.max_radius_loss, plan=plan)
-            prediction = cAHat if result.certified else Smooth.ABSTAIN
+            prediction = cAHat if result.certified else ABSTAIN
             yield SequentialCertificate(prediction, result.radius, n0 + result.samples, cAHat, result,
                                         share + time.perf_counter() - start)
 
 
-def smooth_certify_sequential(g: Smooth, x, n0: int, n_max: int, alpha: float, batch_size: int, *,
+def smooth_certify_sequential(g, x, n0: int, n_max: int, alpha: float, batch_size: int, *,
                               radii: Sequence[float] | None = None, max_radius_loss: float | None = None,
                               seed: int | None = None, stop: str | None = None,
                               precision: str | None = None) -> tuple[int, float, int]:
     """The body of `Smooth.certify_sequential`: (prediction, radius, samples), samples counting n0.
 
-    prediction is -1 (Smooth.ABSTAIN) with radius 0.0 on abstain. With probability at least 1 - alpha
+    prediction is -1 (ABSTAIN) with radius 0.0 on abstain. With probability at least 1 - alpha
     over the noise, a returned class is g's prediction everywhere in the L2 ball of the returned radius.
     """
     cert = sequential_certificate(g, x, n0, n_max, alpha, batch_size, stop=stop, radii=radii,
@@ -320,10 +320,10 @@ def smooth_certify_sequential(g: Smooth, x, n0: int, n_max: int, alpha: float, b
     return cert.prediction, cert.radius, cert.samples
 
 
-def sequential_certificate(g: Smooth, x, n0: int, n_max: int, alpha: float, batch_size: int, *,
+def sequential_certificate(g, x, n0: int, n_max: int, alpha: float, batch_size: int, *,
                            seed: int | None = None, **rule) -> SequentialCertificate:
     """Sequential CERTIFY of one image x (the details of `sequential_certificates`)."""
-    seed = _fresh_seed() if seed is None else int(seed)
+    seed = fresh_seed() if seed is None else int(seed)
     return next(sequential_certificates(g, [x], [seed], n0, n_max, alpha, batch_size, pack=False, **rule))
 
 

@@ -3,7 +3,7 @@
 Cohen et al.'s `certify.py` and the papers built on it (SmoothAdv, MACER, consistency, SmoothMix, ...)
 publish one TSV per model and sigma, `idx label predict radius correct time` (time in seconds or as a
 `datetime.timedelta`, extra columns after these). An import reads the given logs with the project's
-one parser (peftsmooth.tsv: a `correct` column that disagrees with `predict == label` is refused, like
+one parser (peftsmooth.certify.tsv: a `correct` column that disagrees with `predict == label` is refused, like
 any malformed line, naming the file and the line) and writes one certification directory: certify.tsv
 in our format, summary.json (method, sigma, model, dataset, and `imported_from`: each source file with
 its SHA-256 and row count), curve.csv and curve.png. `report` then lists it like its own
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from peftsmooth import results, tsv
+from peftsmooth.certify import results, tsv
 from peftsmooth.errors import UserError, require
 from peftsmooth.runtime import atomic_directory
 

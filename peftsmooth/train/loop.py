@@ -3,7 +3,7 @@
 Used by `train` (PEFT / linear / full adaptation), `denoise-baseline` (a denoiser in front of a
 frozen classifier) and the black-box method (zeroth-order steps). What varies is the objective.
 
-    from peftsmooth.training import TrainSettings, fit
+    from peftsmooth.train.loop import TrainSettings, fit
 
     summary = fit(
         model,                      # nn.Module on native [0,1] images; its trainable params = requires_grad
@@ -21,18 +21,18 @@ frozen classifier) and the black-box method (zeroth-order steps). What varies is
 
 Each optimizer step sees `x_noisy = x + sigma * N(0, I)`: the noise is added here, in native pixel
 space, after the dataset's augmentation, a fresh draw every step (validity rule 1 in
-docs/architecture.md). `Batch` (peftsmooth.losses) gives an objective the clean batch too
+docs/architecture.md). `Batch` (peftsmooth.train.losses) gives an objective the clean batch too
 (`batch.x`), `batch.noisy()` draws another independent noisy copy, and `batch.progress`
-(peftsmooth.losses.Progress) says which global optimizer step it is, for objectives with a
+(peftsmooth.train.losses.Progress) says which global optimizer step it is, for objectives with a
 schedule (SmoothAdv's epsilon warm-up).
 
 The parts: `preflight` makes every check before any work (the commands call it too, before they
 write anything); `EpochPlan` sizes the epochs; a step object does the update of one micro-batch
-(peftsmooth.train_steps: `FirstOrderStep` for gradients with AdamW, warm-up + cosine, clipping,
+(peftsmooth.train.steps: `FirstOrderStep` for gradients with AdamW, warm-up + cosine, clipping,
 accumulation and autocast; `ZerothOrderStep` for a method's own `training_step`); `TrainState`
-(peftsmooth.train_state) is what checkpoint.pt saves and a resumed run restores.
+(peftsmooth.train.state) is what checkpoint.pt saves and a resumed run restores.
 
-Schedules (`settings.schedule`, peftsmooth.train_phases): `standard` trains every trainable
+Schedules (`settings.schedule`, peftsmooth.train.phases): `standard` trains every trainable
 parameter for all epochs with one step object; `lp_ft` trains only the classification head for the
 first `lp_epochs` epochs (phase `lp`, at `lp_lr`), then everything for the rest (phase `ft`, at `lr`),
 each phase with a fresh step object (AdamW, warm-up + cosine over the phase's own steps). Under
@@ -48,8 +48,8 @@ and checkpointed) and be updated in place.
 
 Files (rank 0 only): `metrics.jsonl` (one JSON object per epoch: epoch, step, loss, train_acc,
 clean_acc, noisy_acc, lr, the evaluator's / hook's extra fields and time), rewritten atomically
-every epoch; `checkpoint.pt` (see peftsmooth.train_state); `training.png` and, with
-`tensorboard=True`, TensorBoard event files (peftsmooth.train_watch). If `run_dir` holds a
+every epoch; `checkpoint.pt` (see peftsmooth.train.state); `training.png` and, with
+`tensorboard=True`, TensorBoard event files (peftsmooth.train.watch). If `run_dir` holds a
 checkpoint, `fit` resumes after its last completed epoch; with the same config the resumed run
 reproduces the uninterrupted run's metrics, because every random stream is re-seeded at the start
 of each epoch from (seed, epoch, rank). A checkpoint written with a different config is a UserError
@@ -66,82 +66,30 @@ import logging
 import math
 import sys
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from peftsmooth.distributed import DistInfo, all_sum, barrier, init_distributed
-from peftsmooth.errors import UserError, choice_error, require
-from peftsmooth.losses import Batch, CrossEntropy, Objective, Progress, add_noise
+from peftsmooth.errors import require
+from peftsmooth.train.losses import Batch, CrossEntropy, Objective, Progress, add_noise
 from peftsmooth.runtime import PRECISIONS, mix_seed
-from peftsmooth.train_phases import HeadOnly, Phase, check_schedule, phase_of, plan
-from peftsmooth.train_state import (CHECKPOINT, METRICS, TrainState, check_resume_config, read_checkpoint,
+from peftsmooth.train.phases import HeadOnly, Phase, phase_of, plan
+from peftsmooth.train.state import (CHECKPOINT, METRICS, TrainState, check_resume_config, read_checkpoint,
                                     read_metrics, resume_fingerprint, write_metrics)
-from peftsmooth.train_steps import FirstOrderStep, StepResult, TrainingStep, ZerothOrderStep, autocast
-from peftsmooth.train_watch import TrainingWatch, check_tensorboard
+from peftsmooth.train.steps import FirstOrderStep, StepResult, TrainingStep, ZerothOrderStep, autocast
+from peftsmooth.train.settings import TrainSettings, check_precision
+from peftsmooth.train.watch import TrainingWatch
 
 __all__ = ["TrainSettings", "fit", "preflight", "check_precision", "accuracy_evaluator", "eval_loader",
            "evaluation_record", "Batch", "add_noise", "CHECKPOINT", "METRICS", "read_checkpoint", "read_metrics",
            "resume_fingerprint"]
 
 log = logging.getLogger("peftsmooth.train")
-
-
-# --------------------------------------------------------------------------- settings and checks
-
-@dataclass
-class TrainSettings:
-    """Optimization settings (the `train:` block of conf/train.yaml)."""
-
-    epochs: int = 10
-    batch_size: int = 128             # global batch (summed over data-parallel ranks), per micro-batch
-    lr: float = 1e-3
-    weight_decay: float = 0.05
-    warmup_epochs: float = 1.0
-    min_lr_ratio: float = 0.0         # cosine decays to lr * min_lr_ratio
-    grad_accum: int = 1               # micro-batches per optimizer step
-    clip_grad: Optional[float] = 1.0  # max gradient norm (null: no clipping)
-    precision: str = "fp32"           # fp32 | bf16 | fp16 (fp16 needs a GPU)
-    num_workers: int = 0
-    eval_batch_size: int = 256
-    max_steps_per_epoch: Optional[int] = None  # cap optimizer steps per epoch (quick runs, tests)
-    max_eval: Optional[int] = None    # evaluate on the first max_eval test images only
-    eval_every: int = 1               # evaluate every N epochs (and always after the last)
-    tensorboard: bool = False         # also write TensorBoard event files into the run directory
-    schedule: str = "standard"        # standard | lp_ft (head only for lp_epochs, then all; train_phases)
-    lp_epochs: int = 2                # lp_ft: the first lp_epochs of `epochs` train only the head
-    lp_lr: float = 1e-2               # lp_ft: the head-only phase's lr (linear probing's, whatever the method)
-
-    @classmethod
-    def from_cfg(cls, cfg: Any) -> "TrainSettings":
-        """From a config node / dict; unknown keys are ignored (callers keep their own keys there)."""
-        known = {f.name for f in fields(cls)}
-        values = {k: v for k, v in dict(cfg or {}).items() if k in known}
-        settings = cls(**values)
-        settings.validate()
-        return settings
-
-    def validate(self) -> None:
-        require(int(self.epochs) >= 0, f"train.epochs={self.epochs} must be >= 0")
-        require(int(self.batch_size) >= 1, f"train.batch_size={self.batch_size} must be >= 1")
-        require(int(self.grad_accum) >= 1, f"train.grad_accum={self.grad_accum} must be >= 1")
-        require(int(self.eval_batch_size) >= 1, f"train.eval_batch_size={self.eval_batch_size} must be >= 1")
-        require(float(self.lr) > 0, f"train.lr={self.lr} must be > 0")
-        require(float(self.weight_decay) >= 0, f"train.weight_decay={self.weight_decay} must be >= 0")
-        require(float(self.warmup_epochs) >= 0, f"train.warmup_epochs={self.warmup_epochs} must be >= 0")
-        require(int(self.num_workers) >= 0, f"train.num_workers={self.num_workers} must be >= 0")
-        require(int(self.eval_every) >= 1, f"train.eval_every={self.eval_every} must be >= 1")
-        require(self.max_steps_per_epoch is None or int(self.max_steps_per_epoch) >= 1,
-                f"train.max_steps_per_epoch={self.max_steps_per_epoch} must be >= 1 or null")
-        require(self.max_eval is None or int(self.max_eval) >= 1, f"train.max_eval={self.max_eval} must be >= 1 or null")
-        if self.precision not in PRECISIONS:
-            raise choice_error("train.precision", self.precision, PRECISIONS)
-        check_tensorboard(bool(self.tensorboard))
-        check_schedule(self)
 
 
 def preflight(run_dir: str | Path, config: Any, device: torch.device,
@@ -155,12 +103,6 @@ def preflight(run_dir: str | Path, config: Any, device: torch.device,
     if checkpoint is not None:
         check_resume_config(checkpoint, config, Path(run_dir))
     return checkpoint
-
-
-def check_precision(settings: TrainSettings, device: torch.device) -> None:
-    """fp16 autocast needs a GPU (its gradient scaler has no CPU counterpart here)."""
-    if settings.precision == "fp16" and device.type != "cuda":
-        raise UserError(f"train.precision=fp16 needs a GPU (device is {device}); use bf16 or fp32")
 
 
 @dataclass(frozen=True)
@@ -367,7 +309,7 @@ def _log_epoch(record: dict, epochs: int) -> None:
 
 class _Loop:
     """The model, its data and its phases, checked and sized once; `train_epoch` runs one epoch with
-    the step object of the epoch's phase (peftsmooth.train_phases: one phase unless lp_ft)."""
+    the step object of the epoch's phase (peftsmooth.train.phases: one phase unless lp_ft)."""
 
     def __init__(self, model: nn.Module, train_set: Dataset, sigma: float, settings: TrainSettings, seed: int,
                  dist_info: DistInfo, objective: Objective | None, step_hook: TrainingStep | None):

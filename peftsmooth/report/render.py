@@ -13,9 +13,9 @@ import math
 from pathlib import Path
 from typing import Sequence
 
-from peftsmooth import results
-from peftsmooth.report_scan import Certification
-from peftsmooth.report_table import DEFAULT_RADII, Report, build_report, curve_label, run_info  # noqa: F401 (re-exported)
+from peftsmooth.certify import results
+from peftsmooth.report.scan import Certification
+from peftsmooth.report.table import DEFAULT_RADII, Report, build_report, curve_label, run_info  # noqa: F401 (re-exported)
 
 COLUMNS = ["method", "model", "sigma", "trainable params", "clean acc"]
 CSV_KEYS = ["method", "model", "dataset", "sigma", "trainable_params", "total_params", "mode", "n",

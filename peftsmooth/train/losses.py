@@ -6,14 +6,13 @@ stands, for objectives with a schedule). Two config keys choose one by
 name through `OBJECTIVES`: `train.loss` (the noisy classifier, options in `train.<loss>`) and
 `denoiser.objective` (a denoiser in front of a frozen classifier, trained by denoise-baseline: the
 model is a `peftsmooth.front.denoisers.DenoisedClassifier`). Unknown names list the known ones.
-The robust objectives on the smoothed classifier (MACER, SmoothAdv) are in peftsmooth.robust_losses.
+The robust objectives on the smoothed classifier (MACER, SmoothAdv) are in peftsmooth.train.robust_losses.
 Extra noisy copies come from torch's global stream, which the training loop seeds every epoch, so a
 resumed run draws what the uninterrupted one drew.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 import torch
@@ -21,50 +20,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from peftsmooth.errors import choice_error, require
-from peftsmooth.robust_losses import Macer, SmoothAdv
-
-
-def add_noise(x: torch.Tensor, sigma: float, generator: torch.Generator | None = None) -> torch.Tensor:
-    """x + sigma * N(0, I) in native pixel space (no clipping: the smoothing noise is unbounded)."""
-    if sigma == 0:
-        return x
-    if generator is None:
-        return x + sigma * torch.randn_like(x)
-    noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=generator.device)
-    return x + sigma * noise.to(x.device)
-
-
-@dataclass(frozen=True)
-class Progress:
-    """Where training stands when a micro-batch is computed, for objectives with a schedule (e.g.
-    SmoothAdv's epsilon warm-up). `step`: the 0-based global index of the optimizer step the
-    micro-batch contributes to (the updates made before it, over every phase; checkpointed, so a
-    resumed run sees the same values); `steps_per_epoch`: the updates of an epoch."""
-
-    step: int = 0
-    steps_per_epoch: int = 1
-
-    @property
-    def epochs(self) -> float:
-        """Epochs of training done once this step is made."""
-        return (self.step + 1) / self.steps_per_epoch
-
-
-@dataclass
-class Batch:
-    """One micro-batch: clean (augmented) images, their noisy copy, labels, the noise level, and where
-    training stands (the training loop fills it in; Progress() when an objective is called alone)."""
-
-    x: torch.Tensor
-    x_noisy: torch.Tensor
-    y: torch.Tensor
-    sigma: float
-    progress: Progress = field(default_factory=Progress)
-
-    def noisy(self) -> torch.Tensor:
-        """Another independent noisy copy x + sigma * N(0, I)."""
-        return add_noise(self.x, self.sigma)
-
+from peftsmooth.runs import to_plain
+from peftsmooth.train.batch import Batch, Progress, add_noise  # noqa: F401 (re-exported)
+from peftsmooth.train.robust_losses import Macer, SmoothAdv
 
 Objective = Callable[[nn.Module, Batch], "tuple[torch.Tensor, Optional[torch.Tensor]]"]
 
@@ -157,7 +115,5 @@ def build_objective(name: str, key: str = "train.loss", **options) -> Objective:
 
 def objective_from_cfg(train_cfg: Any) -> tuple[str, Objective]:
     """(`train.loss`, that objective built with the options of `train.<loss>`)."""
-    from peftsmooth.runs import to_plain
-
     name = str(train_cfg.get("loss", "ce"))
     return name, build_objective(name, **dict(to_plain(train_cfg.get(name)) or {}))

@@ -25,16 +25,13 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch.nn as nn
 
-from peftsmooth.errors import UserError, choice_error, require
+from peftsmooth.errors import UserError, require
 
-if TYPE_CHECKING:
-    from peftsmooth.training import TrainSettings
-
-SCHEDULES = ("standard", "lp_ft")
+from peftsmooth.train.settings import TrainSettings
 
 
 @dataclass(frozen=True)
@@ -48,20 +45,7 @@ class Phase:
     head_only: bool = False     # whether only the classification head trains
 
 
-def check_schedule(settings: "TrainSettings") -> None:
-    """The schedule keys of TrainSettings.validate: a known schedule; for lp_ft 1 <= lp_epochs < epochs."""
-    if settings.schedule not in SCHEDULES:
-        raise choice_error("train.schedule", settings.schedule, SCHEDULES)
-    if settings.schedule != "lp_ft":
-        return
-    epochs, k = int(settings.epochs), settings.lp_epochs
-    require(isinstance(k, int) and not isinstance(k, bool) and 1 <= k < epochs,
-            f"train.lp_epochs={k} must be an integer with 1 <= lp_epochs < train.epochs={epochs} "
-            f"(train.epochs counts both phases: lp_epochs head-only, then the rest fine-tuning)")
-    require(float(settings.lp_lr) > 0, f"train.lp_lr={settings.lp_lr} must be > 0")
-
-
-def check_method(settings: "TrainSettings", adapt: Any, method: str) -> None:
+def check_method(settings: TrainSettings, adapt: Any, method: str) -> None:
     """Refuse lp_ft for a method it does not apply to (before any work); see Adaptation.no_lp_ft."""
     if settings.schedule != "lp_ft":
         return
@@ -74,7 +58,7 @@ def check_method(settings: "TrainSettings", adapt: Any, method: str) -> None:
                         f"use train.schedule=standard")
 
 
-def plan(settings: "TrainSettings") -> list[Phase]:
+def plan(settings: TrainSettings) -> list[Phase]:
     """The phases of a run: one for `standard` (its settings unchanged), lp then ft for `lp_ft`."""
     epochs = int(settings.epochs)
     if settings.schedule != "lp_ft":
@@ -84,7 +68,7 @@ def plan(settings: "TrainSettings") -> list[Phase]:
             Phase("ft", k + 1, epochs, _phase_settings(settings, epochs - k, float(settings.lr)))]
 
 
-def _phase_settings(settings: "TrainSettings", epochs: int, lr: float) -> "TrainSettings":
+def _phase_settings(settings: TrainSettings, epochs: int, lr: float) -> TrainSettings:
     """The settings of a phase of `epochs` epochs at `lr`: its warm-up the run's share of it."""
     warmup = float(settings.warmup_epochs) * epochs / max(int(settings.epochs), 1)
     return dataclasses.replace(settings, epochs=epochs, lr=lr, warmup_epochs=warmup)
@@ -94,7 +78,7 @@ def phase_of(phases: list[Phase], epoch: int) -> Phase:
     return next(p for p in phases if p.first <= epoch <= p.last)
 
 
-def schedule_info(settings: "TrainSettings") -> dict:
+def schedule_info(settings: TrainSettings) -> dict:
     """run.json's `schedule`: the name, and for lp_ft the epochs and learning rates of each phase."""
     if settings.schedule != "lp_ft":
         return {"name": settings.schedule}

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from peftsmooth import results
+from peftsmooth.certify import results
 from peftsmooth.runs import RUN_FILE
 
 

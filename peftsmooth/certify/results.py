@@ -1,6 +1,6 @@
 """Certification results as files: summary.json, curve.csv, curve.png, and shard merging.
 
-This module owns every results concept but the TSV format itself (peftsmooth.tsv, whose names it
+This module owns every results concept but the TSV format itself (peftsmooth.certify.tsv, whose names it
 re-exports): shard directory names, the metrics, the radius keys, the curves, the check and merge of
 shards. Everything a summary
 says is computed from the TSV rows (Cohen's analysis: certified accuracy at r is the fraction of images
@@ -21,7 +21,7 @@ from typing import Iterable, Mapping, Sequence
 
 from peftsmooth.errors import UserError
 from peftsmooth.runtime import atomic_write, atomic_write_text
-from peftsmooth.tsv import HEADER, SAMPLES, TSV_FILE, TsvWriter, read_tsv, write_tsv  # noqa: F401 (re-exported)
+from peftsmooth.certify.tsv import HEADER, SAMPLES, TSV_FILE, TsvWriter, read_tsv, write_tsv  # noqa: F401 (re-exported)
 
 SUMMARY_FILE = "summary.json"
 CURVE_CSV = "curve.csv"

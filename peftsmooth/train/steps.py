@@ -1,4 +1,4 @@
-"""The two ways one micro-batch updates a model in the training loop (`peftsmooth.training.fit`).
+"""The two ways one micro-batch updates a model in the training loop (`peftsmooth.train.loop.fit`).
 
 `FirstOrderStep`: the objective's loss, backward, and every `grad_accum` micro-batches an optimizer
 step: AdamW (no weight decay on biases and norm/scale vectors), linear warm-up then cosine decay per
@@ -17,17 +17,16 @@ from __future__ import annotations
 import math
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Protocol
+from typing import Callable, Protocol
 
 import torch
 import torch.nn as nn
 
 from peftsmooth.distributed import DistInfo
-from peftsmooth.losses import Batch, Objective, Progress
+from peftsmooth.train.losses import Batch, Objective, Progress
 from peftsmooth.runtime import PRECISIONS
 
-if TYPE_CHECKING:
-    from peftsmooth.training import TrainSettings
+from peftsmooth.train.settings import TrainSettings
 
 
 @dataclass
@@ -84,7 +83,7 @@ def warmup_cosine(total_steps: int, warmup_steps: int, min_ratio: float = 0.0) -
 class FirstOrderStep:
     """Gradient steps on `objective(model, batch)`; see the module docstring."""
 
-    def __init__(self, model: nn.Module, objective: Objective, settings: "TrainSettings", dist_info: DistInfo,
+    def __init__(self, model: nn.Module, objective: Objective, settings: TrainSettings, dist_info: DistInfo,
                  steps_per_epoch: int):
         self.objective, self.settings, self.device = objective, settings, dist_info.device
         self.accum = int(settings.grad_accum)
