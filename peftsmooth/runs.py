@@ -33,27 +33,6 @@ RUN_FORMAT = 1
 INIT_FILE = "init.safetensors"  # the starting weights of a randomly initialised backbone
 
 
-# `_target_` paths that run.json files of earlier versions name, and where that code lives now.
-LEGACY_TARGETS = {
-    "peftsmooth.denoisers.DnCNN": "peftsmooth.front.denoisers.DnCNN",
-    "peftsmooth.denoisers.MemNet": "peftsmooth.front.denoisers.MemNet",
-    "peftsmooth.denoisers.TrainedDenoiser": "peftsmooth.front.denoisers.TrainedDenoiser",
-    "peftsmooth.denoisers.PretrainedDiffusion": "peftsmooth.front.diffusion.PretrainedDiffusion",
-    "peftsmooth.adapt.blackbox.BlackBoxSPSA": "peftsmooth.front.blackbox.BlackBoxSPSA",
-    "peftsmooth.adapt.blackbox.WhiteBoxCoordinator": "peftsmooth.front.blackbox.WhiteBoxCoordinator",
-}
-
-
-def current_targets(node: Any) -> Any:
-    """A config read from run.json with every `_target_` of LEGACY_TARGETS renamed to today's path."""
-    if isinstance(node, dict):
-        return {k: (LEGACY_TARGETS.get(v, v) if k == "_target_" and isinstance(v, str) else current_targets(v))
-                for k, v in node.items()}
-    if isinstance(node, list):
-        return [current_targets(v) for v in node]
-    return node
-
-
 def is_random_init(model_cfg) -> bool:
     """True when nothing but the seed defines the backbone's weights (no hub, file or checkpoint):
     such a run keeps them in INIT_FILE so that `load_run` can rebuild it exactly."""
@@ -179,7 +158,7 @@ class RunInfo(Mapping):
         for key in REQUIRED:
             if key not in values:
                 raise UserError(f"run={run_dir}: {RUN_FILE} has no {key!r}")
-        info = cls.from_fields(**current_targets(values))
+        info = cls.from_fields(**values)
         info.check(f"run={run_dir}")
         return info
 
