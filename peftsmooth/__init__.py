@@ -1,3 +1,3 @@
 """peftsmooth: PEFTSmoothing and randomized-smoothing certification for pretrained classifiers."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import shutil
 import sys
 import time
 from collections.abc import Mapping
@@ -212,3 +214,25 @@ def command_line(command: str) -> str:
     from peftsmooth.config import format_command
 
     return format_command(command, sys.argv[1:])
+
+
+def link_run_files(base_dir: str, files: list, run_dir: Path) -> list[str]:
+    """A base run's files (e.g. its adaptation weights), hard-linked (or copied) into run_dir so that
+    load_run(run_dir) finds them; returns their names."""
+    out = []
+    for name in files or []:
+        src, dst = Path(str(base_dir)).expanduser() / name, run_dir / name
+        if not src.exists():
+            raise UserError(f"base={base_dir}: run.json lists {name} but the file is missing")
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if dst.exists():
+            dst.unlink() if dst.is_file() else shutil.rmtree(dst)
+        if src.is_dir():
+            shutil.copytree(src, dst)
+        else:
+            try:
+                os.link(src, dst)
+            except OSError:
+                shutil.copy2(src, dst)
+        out.append(str(name))
+    return out

@@ -183,8 +183,8 @@ def main(argv=None) -> list[dict]:
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from peftsmooth.certify.engine import AUTO_BATCH
-    from peftsmooth.runtime import resolve_device
     from peftsmooth.certify.smoothing import Smooth
+    from peftsmooth.runtime import resolve_device
 
     device = resolve_device(args.device)
     eager = build_model(args).to(device)

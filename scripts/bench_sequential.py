@@ -40,7 +40,13 @@ import numpy as np
 from scipy.stats import norm
 
 from peftsmooth.certify.results import TSV_FILE, read_tsv
-from peftsmooth.certify.sequential import DEFAULT_MAX_RADIUS_LOSS, FINAL_SHARE, UPPER_ALPHA, certify_sequential, look_plan
+from peftsmooth.certify.sequential import (
+    DEFAULT_MAX_RADIUS_LOSS,
+    FINAL_SHARE,
+    UPPER_ALPHA,
+    certify_sequential,
+    look_plan,
+)
 from peftsmooth.certify.stats import clopper_pearson_lower, radius
 
 BENCH_RADII = (0.25, 0.5, 0.75, 1.0)

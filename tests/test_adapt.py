@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TINY, compose
 from torch.utils.data import TensorDataset
 
-from conftest import TINY, compose
 from peftsmooth.adapt import build_adaptation
 from peftsmooth.config import group_choices
 from peftsmooth.data import build_dataset

@@ -11,8 +11,8 @@ import pytest
 import torch
 from conftest import TINY, compose
 
-from peftsmooth.certify import results
 from peftsmooth.adapt.peft_tuners import merge_exact
+from peftsmooth.certify import results
 from peftsmooth.commands.certify import run_certify
 from peftsmooth.commands.merge import run_merge
 from peftsmooth.errors import UserError

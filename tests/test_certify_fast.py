@@ -7,8 +7,8 @@ import torch
 import torch.nn as nn
 from conftest import TINY, compose
 
-from peftsmooth.models import build_classifier
 from peftsmooth.certify.smoothing import Smooth, image_seed
+from peftsmooth.models import build_classifier
 
 
 class OutOfMemoryAbove(nn.Module):

@@ -11,14 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import TINY, compose
-from test_refusals import hydra_logging  # noqa: F401 - the fixture
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
+from test_refusals import hydra_logging  # noqa: F401 - the fixture
 
 from peftsmooth import cli
-from peftsmooth.certify import results
-from peftsmooth.train import watch as train_watch
 from peftsmooth.adapt.peft_tuners import merge_exact
+from peftsmooth.certify import results
 from peftsmooth.commands.certify import check_certify, run_certify
 from peftsmooth.commands.combine import run_combine
 from peftsmooth.commands.train import run_train
@@ -26,6 +25,7 @@ from peftsmooth.errors import UserError
 from peftsmooth.library import combine
 from peftsmooth.report.render import build_report
 from peftsmooth.runs import load_run, read_run_info
+from peftsmooth.train import watch as train_watch
 
 QUICK = ["train.epochs=1", "train.batch_size=16", "train.max_steps_per_epoch=2", "train.max_eval=16",
          "train.eval_batch_size=64", "train.num_workers=0", "train.warmup_epochs=0", "train.lr=0.05"]

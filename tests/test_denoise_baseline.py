@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import TINY, compose
+
 from peftsmooth.commands import denoise_baseline as command
 from peftsmooth.errors import UserError
 from peftsmooth.models import build_classifier, load_state_dict_file, save_state_dict_file

@@ -8,15 +8,15 @@ import sys
 
 import pytest
 import torch
+from conftest import compose
 from hydra.utils import instantiate
 
-from conftest import compose
 from peftsmooth.errors import UserError
 from peftsmooth.front.denoisers import DenoisedClassifier
 from peftsmooth.front.diffusion import OneShotDiffusion, check_image_size, noise_ratio, timestep_for_sigma
-from peftsmooth.train.losses import OBJECTIVES, build_objective
 from peftsmooth.models import BaseClassifier
 from peftsmooth.train.loop import Batch
+from peftsmooth.train.losses import OBJECTIVES, build_objective
 
 # Each architecture, shrunk to run in a second on CPU (the full sizes are the configs' defaults).
 CNN_DENOISERS = {

@@ -6,10 +6,10 @@ import torch.nn as nn
 from omegaconf import OmegaConf
 
 from peftsmooth.certify import engine, results
-from peftsmooth.config import conf_dir
 from peftsmooth.certify.engine import Mode, Settings, certify_into, certify_rows, resume_rows, select_indices
-from peftsmooth.errors import UserError
 from peftsmooth.certify.smoothing import Smooth, image_seed
+from peftsmooth.config import conf_dir
+from peftsmooth.errors import UserError
 
 IDENTITY = {"mode": "cohen", "n0": 8, "n": 40, "alpha": 0.01, "sigma": 0.5, "seed": 0, "precision": "fp32",
             "dataset": "toy"}
@@ -114,7 +114,7 @@ def test_a_registered_mode_runs_with_its_own_checked_options(smooth, dataset, mo
     with pytest.raises(UserError, match="certify.budget"):
         settings(mode="toy", budget=0)
     s = settings(mode="toy", budget=7)
-    assert s.options == {"budget": 7} and s.engine_mode.identity(s) == {"n0": None, "n": 40}
+    assert s.options == {"budget": 7} and s.engine_mode.identity(s) == {"n0": None, "n": 40, "noise": "blocks-v2"}
     rows = list(certify_rows(smooth, dataset, [2, 6], s, 0, 16))
     assert [r["samples"] for r in rows] == [7 + image_seed(0, i) % 2 for i in (2, 6)]
     assert [(r["predict"], r["radius"], r["correct"]) for r in rows] == [(1, 0.5, 0), (1, 0.5, 0)]
@@ -127,8 +127,8 @@ def test_settings_checks_and_batch_size():
         settings(compile_mode="fast")
     assert settings(batch_size="auto").batch_for(torch.device("cpu")) == engine.AUTO_BATCH["cpu"]
     assert settings(batch_size=48).batch_for(torch.device("cpu")) == 48
-    assert engine.MODES["cohen"].identity(settings()) == {"n0": 8, "n": 40}
-    assert engine.MODES["predict"].identity(settings("predict")) == {"n0": None, "n": 40}
+    assert engine.MODES["cohen"].identity(settings()) == {"n0": 8, "n": 40, "noise": "blocks-v2"}
+    assert engine.MODES["predict"].identity(settings("predict")) == {"n0": None, "n": 40, "noise": "blocks-v2"}
 
 
 def test_sequential_rows_match_image_by_image_certify_sequential(smooth, dataset):
@@ -136,7 +136,7 @@ def test_sequential_rows_match_image_by_image_certify_sequential(smooth, dataset
 
     s = settings("sequential", n_max=500, n=500, batch_size=32, radius_grid=[0.0, 0.25, 0.5])
     assert s.options == {"n_max": 500, "stop": "radii", "radii": [0.25, 0.5], "max_radius_loss": None}
-    assert s.engine_mode.identity(s) == {"n0": 8, "n": 500, "stop": "radii", "radii": [0.25, 0.5],
+    assert s.engine_mode.identity(s) == {"n0": 8, "n": 500, "noise": "blocks-v2", "stop": "radii", "radii": [0.25, 0.5],
                                          "max_radius_loss": None}
     rows = list(certify_rows(smooth, dataset, [0, 3, 4, 7, 11], s, 0, 32))  # packed selection: 4 images a pass
     for r in rows:

@@ -12,10 +12,10 @@ import pytest
 from conftest import compose
 
 from peftsmooth import cli
-from peftsmooth.report import import_logs
 from peftsmooth.certify import results
 from peftsmooth.commands.import_logs import run_import
 from peftsmooth.errors import UserError
+from peftsmooth.report import import_logs
 from peftsmooth.report.render import build_report, curves_by_method
 
 HEADER = "idx\tlabel\tpredict\tradius\tcorrect\ttime\n"

@@ -7,18 +7,18 @@ import sys
 
 import pytest
 import torch
+from conftest import TINY, compose, kill_after_epoch
 from torch.utils.data import TensorDataset
 
-from conftest import TINY, compose, kill_after_epoch
 from peftsmooth import cli
-from peftsmooth.train import state as train_state
 from peftsmooth.adapt import build_adaptation
 from peftsmooth.commands.train import run_train
 from peftsmooth.errors import UserError
 from peftsmooth.models import build_classifier, count_parameters
 from peftsmooth.runs import load_run, read_run_info
-from peftsmooth.train.phases import HeadOnly, head_parameter_names, plan
+from peftsmooth.train import state as train_state
 from peftsmooth.train.loop import TrainSettings, fit, read_metrics
+from peftsmooth.train.phases import HeadOnly, head_parameter_names, plan
 
 QUICK = ["sigma=0.25", "train.batch_size=32", "train.max_steps_per_epoch=2", "train.max_eval=32",
          "train.eval_batch_size=32", "train.num_workers=0", "train.warmup_epochs=0.5"]

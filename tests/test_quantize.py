@@ -11,16 +11,26 @@ import sys
 
 import pytest
 import torch
+from conftest import TINY, compose
 from safetensors.torch import save_file
 
-from conftest import TINY, compose
 from peftsmooth import cli
 from peftsmooth.commands.quantize import check_quantize, run_quantize
 from peftsmooth.commands.train import run_train
 from peftsmooth.config import group_choices
-from peftsmooth.library.quantize import (BITS, QUANTIZED_FILE, Quantized, dequantize, load_quantized, pack,
-                                         quantize, quantize_state, save_quantized, unpack)
 from peftsmooth.errors import UserError
+from peftsmooth.library.quantize import (
+    BITS,
+    QUANTIZED_FILE,
+    Quantized,
+    dequantize,
+    load_quantized,
+    pack,
+    quantize,
+    quantize_state,
+    save_quantized,
+    unpack,
+)
 from peftsmooth.models import build_classifier, load_state_dict_file
 from peftsmooth.runs import load_run, read_run_info
 

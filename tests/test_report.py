@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from peftsmooth.certify import results
+from peftsmooth.certify.results import certified_accuracy, curve, read_tsv
 from peftsmooth.errors import UserError
 from peftsmooth.report.render import build_report, curves_by_method, envelope, to_csv, to_markdown
-from peftsmooth.certify.results import certified_accuracy, curve, read_tsv
 
 GRID = [0.25, 0.5, 0.75, 1.0]
 

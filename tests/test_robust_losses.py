@@ -10,18 +10,26 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from conftest import TINY, compose, kill_after_epoch
 from torch.utils.data import TensorDataset
 
-from conftest import TINY, compose, kill_after_epoch
-
-from peftsmooth.train import state as train_state, watch as train_watch
 from peftsmooth.commands.train import check_train, run_train
 from peftsmooth.errors import UserError
-from peftsmooth.train.losses import OBJECTIVES, Batch, Progress, build_objective
 from peftsmooth.runs import read_run_info
-from peftsmooth.train.robust_losses import (Macer, SmoothAdv, macer_terms, pgd_step, project_l2, smooth_pgd,
-                                      smoothed_ce, warmup_epsilon)
+from peftsmooth.train import state as train_state
+from peftsmooth.train import watch as train_watch
 from peftsmooth.train.loop import TrainSettings, fit, read_metrics
+from peftsmooth.train.losses import OBJECTIVES, Batch, Progress, build_objective
+from peftsmooth.train.robust_losses import (
+    Macer,
+    SmoothAdv,
+    macer_terms,
+    pgd_step,
+    project_l2,
+    smooth_pgd,
+    smoothed_ce,
+    warmup_epsilon,
+)
 
 # Three images, two noisy copies each, three classes: logits[copy][image].
 LOGITS = torch.tensor([[[2.0, 0, 0], [1, 0, 0], [3, 0, 0]],

@@ -20,9 +20,21 @@ import torch
 import torch.nn as nn
 from scipy.stats import beta, norm
 
-from peftsmooth.certify.sequential import (CERTIFIED, DEFAULT_RADII, IMPOSSIBLE, OPEN, UNREACHABLE, LookPlan,
-                                   certify_sequential, look_plan, sequential_certificate,
-                                   smooth_certify_sequential, stop_rule, thresholds)
+from peftsmooth.certify.sequential import (
+    CERTIFIED,
+    DEFAULT_RADII,
+    IMPOSSIBLE,
+    OPEN,
+    UNREACHABLE,
+    LookPlan,
+    certify_sequential,
+    look_plan,
+    run_plan,
+    sequential_certificate,
+    smooth_certify_sequential,
+    stop_rule,
+    thresholds,
+)
 from peftsmooth.certify.smoothing import ESTIMATION, Smooth
 from peftsmooth.certify.stats import clopper_pearson_lower, clopper_pearson_upper, lower_confidence_bound
 
@@ -96,8 +108,8 @@ def test_bernoulli_oracle_sequential_is_sound_naive_is_not(r):
     rng = np.random.default_rng(int(100 * r))
     ours, se = false_rate(1000, lambda: certify_sequential(bernoulli(pa, rng), N_MAX, ALPHA, SIGMA,
                                                             radii=GRID).lower > pa)
-    naive, _ = false_rate(300, lambda: certify_sequential(bernoulli(pa, rng), N_MAX, ALPHA, SIGMA, radii=GRID,
-                                                           plan=naive_plan(N_MAX, ALPHA, 64)).lower > pa)
+    naive, _ = false_rate(300, lambda: run_plan(bernoulli(pa, rng), naive_plan(N_MAX, ALPHA, 64), SIGMA,
+                                                 stop_rule("radii", GRID)).lower > pa)
     assert ours <= ALPHA + 3 * se
     assert naive > ALPHA + 6 * se
 
@@ -115,11 +127,15 @@ class LinearOracle:
         noisy = self.x + SIGMA * self.rng.standard_normal((m, 6))
         return int(np.count_nonzero(noisy @ self.w + self.b > 0))
 
-    def certify(self, n0=64, **options):
-        """CERTIFY's selection on its own n0 samples, then the sequential estimate; True if false."""
+    def certify(self, n0=64, plan=None):
+        """CERTIFY's selection on its own n0 samples, then the sequential estimate (with `plan`: that plan,
+        unchecked); True if false."""
         side = self.votes(n0) * 2 > n0  # True: the positive side, the correct one
-        result = certify_sequential(self.votes if side else lambda m: m - self.votes(m), N_MAX, ALPHA, SIGMA,
-                                    radii=GRID, **options)
+        draw = self.votes if side else lambda m: m - self.votes(m)
+        if plan is None:
+            result = certify_sequential(draw, N_MAX, ALPHA, SIGMA, radii=GRID)
+        else:
+            result = run_plan(draw, plan, SIGMA, stop_rule("radii", GRID))
         margin = (self.x @ self.w + self.b) / np.linalg.norm(self.w)
         return result.certified and (not side or result.radius > margin)
 

@@ -13,9 +13,8 @@ import stat
 from pathlib import Path
 
 import pytest
-from omegaconf import OmegaConf
-
 from conftest import TINY, compose
+from omegaconf import OmegaConf
 
 
 def _sbatch_script(launcher_cfg, folder: Path) -> tuple[str, int]:
@@ -111,9 +110,9 @@ def test_multirun_jobs_get_readable_directories(sweep):
 
 
 def test_report_over_the_sweep_equals_the_summaries(sweep, tmp_path):
+    from peftsmooth.certify.results import radius_key
     from peftsmooth.commands.report import run_report
     from peftsmooth.report.render import build_report, curves_by_method
-    from peftsmooth.certify.results import radius_key
 
     root, runs = sweep
     grid = [0.25, 0.5, 0.75, 1.0]

@@ -15,15 +15,15 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from conftest import TINY, TINY_MODEL, compose
 from omegaconf import OmegaConf
 
-from conftest import TINY, TINY_MODEL, compose
 from peftsmooth.adapt import build_adaptation, targets
+from peftsmooth.certify.smoothing import Smooth
 from peftsmooth.config import conf_dir, group_choices
 from peftsmooth.errors import UserError
 from peftsmooth.models import build_classifier, module_tree, save_state_dict_file
 from peftsmooth.runs import RunInfo, load_run, to_plain, write_run_info
-from peftsmooth.certify.smoothing import Smooth
 
 METHODS = [m for m in group_choices("peft") if not m.startswith("blackbox")]
 # resnet10t with narrow stages at a 16x16 input; zero_init_last=false so that the branch convs get

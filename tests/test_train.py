@@ -12,16 +12,16 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
+from conftest import TINY, compose, kill_after_epoch
 from torch.utils.data import TensorDataset
 
-from conftest import TINY, compose, kill_after_epoch
-from peftsmooth.train import loop as training
 from peftsmooth.commands.train import run_train
 from peftsmooth.errors import UserError
-from peftsmooth.train.losses import Consistency, CrossEntropy, build_objective
 from peftsmooth.models import build_classifier, load_state_dict_file
 from peftsmooth.runs import load_run, read_run_info
+from peftsmooth.train import loop as training
 from peftsmooth.train.loop import Batch, TrainSettings, fit, read_metrics
+from peftsmooth.train.losses import Consistency, CrossEntropy, build_objective
 
 QUICK = ["sigma=0.25", "train.epochs=3", "train.batch_size=32", "train.max_steps_per_epoch=3",
          "train.max_eval=64", "train.eval_batch_size=64", "train.num_workers=0", "train.warmup_epochs=0.5"]

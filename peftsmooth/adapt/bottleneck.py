@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch.nn as nn
 
 from peftsmooth.adapt.common import ModuleAdaptation
-from peftsmooth.adapt.targets import ANY_MODEL, model_label
-from peftsmooth.errors import UserError, choice_error, require
+from peftsmooth.adapt.targets import cannot_adapt
+from peftsmooth.errors import choice_error, require
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU}
 
@@ -73,9 +73,7 @@ class BottleneckAdapters(ModuleAdaptation):
         sublayers = STYLES[self.style][0]
         blocks = list(getattr(vit, "blocks", []))
         if not blocks or not hasattr(vit, "embed_dim") or not all(hasattr(b, s) for b in blocks for s in sublayers):
-            raise UserError(f"peft={self.name} cannot adapt model.name={model_label(vit)}: it needs transformer "
-                            f"blocks with {' and '.join(sublayers)} (a timm ViT), and {type(vit).__name__} has none; "
-                            f"use peft={ANY_MODEL}")
+            raise cannot_adapt(self.name, vit, f"transformer blocks with {' and '.join(sublayers)} (a timm ViT)")
 
     def insert(self, classifier: nn.Module) -> None:
         self.check(classifier)

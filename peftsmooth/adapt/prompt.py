@@ -17,8 +17,8 @@ import torch
 import torch.nn as nn
 
 from peftsmooth.adapt.common import ModuleAdaptation
-from peftsmooth.adapt.targets import ANY_MODEL, model_label
-from peftsmooth.errors import UserError, require
+from peftsmooth.adapt.targets import cannot_adapt
+from peftsmooth.errors import require
 
 
 class PromptTokens(nn.Module):
@@ -48,9 +48,8 @@ class VisualPromptTuning(ModuleAdaptation):
     def check(self, classifier: nn.Module) -> None:
         vit = classifier.backbone
         if not all(hasattr(vit, a) for a in ("blocks", "embed_dim", "num_prefix_tokens", "norm", "patch_embed")):
-            raise UserError(f"peft={self.name} cannot adapt model.name={model_label(vit)}: it needs a ViT backbone "
-                            f"(timm VisionTransformer: a token sequence to insert prompts into), and "
-                            f"{type(vit).__name__} has none; use peft={ANY_MODEL}")
+            raise cannot_adapt(self.name, vit, "a ViT backbone (timm VisionTransformer: a token sequence to insert "
+                                               "prompts into)")
 
     def insert(self, classifier: nn.Module) -> None:
         self.check(classifier)

@@ -81,6 +81,12 @@ def model_label(backbone: nn.Module) -> str:
     return str(cfg.get("architecture") or type(backbone).__name__)
 
 
+def cannot_adapt(method: str, backbone: nn.Module, needs: str) -> UserError:
+    """The one-line refusal of a method whose layers the backbone lacks (`needs`: what it would need)."""
+    return UserError(f"peft={method} cannot adapt model.name={model_label(backbone)}: it needs {needs}, and "
+                     f"{type(backbone).__name__} has none; use peft={ANY_MODEL}")
+
+
 def _outer(inner: str, weights: set[str]) -> str:
     """The outermost module around `inner` that holds less than half of the weight layers."""
     parts = inner.split(".")

@@ -25,11 +25,12 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import torch
 
 from peftsmooth.certify import results
+from peftsmooth.certify.noise import NOISE_SCHEME
+from peftsmooth.certify.sequential import STOP_RULES, sequential_certificates, stop_rule
+from peftsmooth.certify.smoothing import Smooth, image_seed, selection_group
 from peftsmooth.distributed import rank_share
 from peftsmooth.errors import UserError, choice_error, require
 from peftsmooth.runtime import PRECISIONS
-from peftsmooth.certify.sequential import STOP_RULES, sequential_certificates, stop_rule
-from peftsmooth.certify.smoothing import Smooth, image_seed, selection_group
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +71,8 @@ class Mode:
         return {}
 
     def identity(self, s: Settings) -> dict[str, Any]:
-        """The sample-size keys that give a row its meaning (see results.IDENTITY_KEYS)."""
-        return {"n0": s.n0 if self.uses_n0 else None, "n": s.n}
+        """The sample-size keys and the noise scheme that give a row its meaning (see results.IDENTITY_KEYS)."""
+        return {"n0": s.n0 if self.uses_n0 else None, "n": s.n, "noise": NOISE_SCHEME}
 
     def group_size(self, s: Settings, batch_size: int) -> int:
         return 1
@@ -142,6 +143,7 @@ class Sequential(Certify):
         require(str(stop) in STOP_RULES, str(choice_error("certify.stop", stop, STOP_RULES)))
         radii = c.get("radii")
         if stop == "radii" and radii is None:
+            # the positive radii of certify.radius_grid: by default RADIUS_GRID's, i.e. DEFAULT_RADII
             radii = [r for r in c.get("radius_grid") or [] if isinstance(r, (int, float)) and r > 0] or [0.0]
         loss = c.get("max_radius_loss") if stop == "radius" else None
         key = "radii" if stop == "radii" else "max_radius_loss"
@@ -263,6 +265,10 @@ def resume_rows(out: Path, identity: dict, wanted: set[int], *, resume: str | No
     rows = results.read_tsv(tsv)
     previous = results.read_summary(out)
     require(previous is not None, f"{tsv} exists without a {results.SUMMARY_FILE}: not a certify directory to resume")
+    require(previous.get("noise") == identity.get("noise"),
+            f"{out} holds rows certified with noise scheme {previous.get('noise') or 'blocks-v1 (before 0.2)'}, this "
+            f"version draws {identity.get('noise')}; a resume never mixes the two: certify into another directory "
+            f"(hydra.run.dir=...)")
     for key in results.IDENTITY_KEYS:
         require(previous.get(key) == identity.get(key),
                 f"{out} holds a certification with {key}={previous.get(key)}, this run has {key}={identity.get(key)}; "

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
+from peftsmooth.certify.tsv import HEADER, SAMPLES, TSV_FILE, TsvWriter, read_tsv, write_tsv  # noqa: F401 (re-exported)
 from peftsmooth.errors import UserError
 from peftsmooth.runtime import atomic_write, atomic_write_text
-from peftsmooth.certify.tsv import HEADER, SAMPLES, TSV_FILE, TsvWriter, read_tsv, write_tsv  # noqa: F401 (re-exported)
 
 SUMMARY_FILE = "summary.json"
 CURVE_CSV = "curve.csv"
@@ -31,7 +31,8 @@ IMPORTED_FROM = "imported_from"  # summary.json key of a log brought in by `peft
 
 # Keys that give a TSV row its meaning: a run may only append to rows certified with the same values.
 # (The noise of image idx depends only on (seed, idx), so the image selection may grow on resume.)
-IDENTITY_KEYS = ("mode", "n0", "n", "alpha", "sigma", "seed", "precision", "dataset",
+# `noise`: the noise scheme (certify.noise.NOISE_SCHEME), so that rows of different noise never mix.
+IDENTITY_KEYS = ("mode", "n0", "n", "alpha", "sigma", "seed", "precision", "dataset", "noise",
                  "stop", "radii", "max_radius_loss")  # the last three: certify=sequential's stopping rule
 # Shards being merged must also share the image selection they split.
 SELECTION_KEYS = ("skip", "start", "max")

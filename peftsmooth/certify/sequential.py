@@ -79,8 +79,11 @@ GROWTH = {"radii": 2 ** (1 / 3), "radius": 2.0}
 FINAL_SHARE = 0.5  # share of alpha spent at the last look (n_max)
 UPPER_ALPHA = 0.01  # total level of the upper bounds, which only stop sampling
 STOP_RULES = ("radii", "radius")
-# The radius grid of the certification summaries: stop="radii" decides all of them unless told otherwise.
-DEFAULT_RADII = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 3.5, 4.0)
+# The radius grid of the certification summaries (conf/certify/*.yaml radius_grid), and the radii stop="radii"
+# decides unless told otherwise, in the Python API and the CLI alike: the grid's positive radii. (Adding 0
+# also decides abstain-or-not exactly, at the cost of running near-ties to n_max.)
+RADIUS_GRID = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 3.5, 4.0)
+DEFAULT_RADII = tuple(r for r in RADIUS_GRID if r > 0)
 DEFAULT_MAX_RADIUS_LOSS = 0.04  # stop="radius": the most a radius may lose against running to n_max
 
 CERTIFIED, IMPOSSIBLE, UNREACHABLE, OPEN = "certified", "impossible", "unreachable", "open"
@@ -122,6 +125,27 @@ def look_plan(n_max: int, alpha: float, *, stop: str = "radii", growth: float | 
     early = (1.0 - final_share) * alpha / (len(looks) - 1)
     uppers = (upper_alpha / len(looks),) * len(looks)
     return LookPlan(tuple(looks), (early,) * (len(looks) - 1) + (final_share * alpha,), uppers)
+
+
+def check_plan(plan: LookPlan, n_max: int, alpha: float) -> LookPlan:
+    """A plan given by the caller, held to what makes the certificate valid (ValueError otherwise):
+    increasing looks ending at n_max, one lower-bound level alpha_j >= 0 and one upper-bound level per
+    look, and sum_j alpha_j <= alpha (the union bound of the module docstring)."""
+    looks, alphas = tuple(plan.looks), tuple(plan.alphas)
+    if not looks or any(not isinstance(n, (int, np.integer)) or n < 1 for n in looks) \
+            or any(b <= a for a, b in zip(looks, looks[1:])):
+        raise ValueError(f"the plan's looks must be increasing integers >= 1, got {list(looks)!r}")
+    if looks[-1] != n_max:
+        raise ValueError(f"the plan's last look is {looks[-1]}, not n_max={n_max}")
+    if len(alphas) != len(looks) or len(plan.upper_alphas) != len(looks):
+        raise ValueError(f"the plan has {len(looks)} looks, {len(alphas)} alphas and {len(plan.upper_alphas)} upper alphas")
+    if not all(_is_number(a) and a >= 0 for a in alphas):
+        raise ValueError(f"the plan's alphas must be numbers >= 0, got {list(alphas)!r}")
+    spent = math.fsum(alphas)
+    if spent > alpha * (1 + 1e-12):
+        raise ValueError(f"the plan's alphas sum to {spent:.6g}, more than alpha={alpha:g}: the certificate's "
+                         f"failure probability would exceed alpha")
+    return plan
 
 
 @dataclass(frozen=True)
@@ -195,21 +219,27 @@ def certify_sequential(draw: Callable[[int], int], n_max: int, alpha: float, sig
     :param alpha: failure probability of the certificate (time-uniform over the looks)
     :param sigma: noise level of the smoothed classifier
     :param stop, radii, max_radius_loss: the stopping rule (see `stop_rule`)
-    :param plan: the looks and alpha split (default `look_plan(n_max, alpha, stop=...)`); its last look is n_max
+    :param plan: the looks and alpha split (default `look_plan(n_max, alpha, stop=...)`); a given plan must
+        end at n_max and spend at most alpha in all (`check_plan`)
     """
     rule = stop_rule(stop, radii, max_radius_loss)
-    plan = look_plan(n_max, alpha, stop=rule.stop) if plan is None else plan
-    if plan.looks[-1] != n_max:
-        raise ValueError(f"the plan's last look is {plan.looks[-1]}, not n_max={n_max}")
+    plan = look_plan(n_max, alpha, stop=rule.stop) if plan is None else check_plan(plan, n_max, alpha)
     if not float(sigma) > 0:
         raise ValueError(f"sigma must be > 0, got {sigma!r}")
+    return run_plan(draw, plan, float(sigma), rule)
+
+
+def run_plan(draw: Callable[[int], int], plan: LookPlan, sigma: float, rule: StopRule) -> SequentialResult:
+    """The looks of `plan`, taken as given (`certify_sequential` checks it first): draw up to each look,
+    bound, decide, stop when the rule says so. Any plan runs here, an invalid one too, so that the
+    tests can show what an invalid plan does."""
     hits, drawn, trace = 0, 0, []
     for j, n in enumerate(plan.looks):
         got = int(draw(n - drawn))
         if not 0 <= got <= n - drawn:
             raise ValueError(f"draw({n - drawn}) returned {got} hits")
         hits, drawn = hits + got, n
-        look, reason = evaluate_look(hits, j, plan, float(sigma), rule)
+        look, reason = evaluate_look(hits, j, plan, sigma, rule)
         trace.append(look)
         if reason:
             break

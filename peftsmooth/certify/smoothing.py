@@ -32,12 +32,19 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from peftsmooth.certify.noise import (ESTIMATION, NOISE_BLOCK, PREDICTION, SELECTION, NoiseStream,  # noqa: F401
-                                      check_args, fresh_seed, image_seed)
+from peftsmooth.certify.noise import (  # noqa: F401
+    ESTIMATION,
+    NOISE_BLOCK,
+    PREDICTION,
+    SELECTION,
+    NoiseStream,
+    check_args,
+    fresh_seed,
+    image_seed,
+)
 from peftsmooth.certify.sequential import smooth_certify_sequential
-from peftsmooth.certify.stats import ABSTAIN
+from peftsmooth.certify.stats import ABSTAIN, binomial_pvalue, lower_confidence_bound, radius
 from peftsmooth.runtime import PRECISIONS
-from peftsmooth.certify.stats import binomial_pvalue, lower_confidence_bound, radius
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +66,11 @@ class Certificate:
 
 
 class Smooth:
-    """A smoothed classifier g around a base classifier f (an nn.Module on native-space inputs)."""
+    """A smoothed classifier g around a base classifier f (an nn.Module on native-space inputs).
+
+    f is certified in eval mode: every forward pass runs with each submodule's `training` flag off
+    (dropout off, batch-norm running statistics), so that a sample's vote never depends on the rest of
+    its batch, as batching and packing assume; the caller's flags are restored after each phase."""
 
     ABSTAIN = ABSTAIN
 
@@ -189,7 +200,7 @@ class Smooth:
             self.base_classifier = torch.compile(eager, mode=None if mode in (None, "default") else mode)
             self.pad_batches = True
             warm = torch.zeros(batch_size, *[int(s) for s in image_shape], device=self._device(None))
-            with torch.no_grad():
+            with torch.no_grad(), evaluating(eager):
                 for _ in range(2):
                     self._classify(warm, batch_size)
             return None
@@ -213,6 +224,10 @@ class Smooth:
     @torch.no_grad()
     def _count_on_device(self, segments: list[tuple[torch.Tensor, NoiseStream, int]], batch_size: int) -> torch.Tensor:
         """The counts as a device tensor; batches are filled across segment boundaries."""
+        with evaluating(self.base_classifier):
+            return self._count_batches(segments, batch_size)
+
+    def _count_batches(self, segments: list[tuple[torch.Tensor, NoiseStream, int]], batch_size: int) -> torch.Tensor:
         device = self._device(segments[0][0])
         counts = torch.zeros(len(segments) * self.num_classes, dtype=torch.long, device=device)
         pieces, filled = [], 0
@@ -294,6 +309,19 @@ class Smooth:
         if dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@contextlib.contextmanager
+def evaluating(module: nn.Module):
+    """`module` with every submodule in eval mode; each submodule's own flag restored on exit."""
+    training = [m for m in module.modules() if m.training]
+    for m in training:
+        m.training = False
+    try:
+        yield module
+    finally:
+        for m in training:
+            m.training = True
 
 
 def _check_precision(precision: str) -> None:

@@ -27,11 +27,11 @@ from omegaconf import OmegaConf
 
 from peftsmooth.certify import results
 from peftsmooth.certify.classifier import certify_sigma, check_num_classes, load_classifier, prepare_for_certify
+from peftsmooth.certify.engine import Settings, certify_into, certify_rows, resume_rows, select_indices
+from peftsmooth.certify.smoothing import Smooth
 from peftsmooth.config import _remove_if_unstarted, hydra_app, output_dir
 from peftsmooth.distributed import DistInfo, barrier, broadcast_object, init_distributed, shutdown
-from peftsmooth.certify.engine import Settings, certify_into, certify_rows, resume_rows, select_indices
 from peftsmooth.errors import UserError, require
-from peftsmooth.certify.smoothing import Smooth
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +51,8 @@ def check_certify(cfg) -> Settings:
 
 
 def run_certify(cfg) -> dict:
-    from peftsmooth.data import build_dataset
     from peftsmooth.certify.progress import CertifyProgress
+    from peftsmooth.data import build_dataset
     from peftsmooth.runtime import resolve_device, seed_everything
 
     s = check_certify(cfg)

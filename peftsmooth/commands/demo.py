@@ -51,8 +51,8 @@ def check_demo(cfg) -> None:
     there), epochs and batch size >= 1, and certify.* as certify reads them."""
     from omegaconf import OmegaConf
 
-    from peftsmooth.config import conf_dir, group_choices
     from peftsmooth.certify.engine import Settings
+    from peftsmooth.config import conf_dir, group_choices
 
     models = group_choices("model")
     if str(cfg.model) not in models:

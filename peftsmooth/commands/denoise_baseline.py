@@ -13,17 +13,15 @@ it is. The run directory has train's contract (`run.json` with `front` = the den
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 import time
 from pathlib import Path
 
-import torch
 from omegaconf import OmegaConf
 
 from peftsmooth.config import hydra_app, hydra_choice
 from peftsmooth.errors import UserError
-from peftsmooth.runs import RunInfo, to_plain
+from peftsmooth.front.denoisers import denoiser_evaluator
+from peftsmooth.runs import RunInfo, link_run_files, to_plain
 
 log = logging.getLogger("peftsmooth.denoise")
 
@@ -66,27 +64,6 @@ def _classifier(cfg, base: RunInfo | None, run):
     return classifier.eval(), fields
 
 
-def _link_base_files(base_dir: str, files: list, run_dir: Path) -> list[str]:
-    """The base run's adaptation weights, hard-linked (or copied) here so load_run(run_dir) finds them."""
-    out = []
-    for name in files or []:
-        src, dst = Path(str(base_dir)).expanduser() / name, run_dir / name
-        if not src.exists():
-            raise UserError(f"base={base_dir}: run.json lists {name} but the file is missing")
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        if dst.exists():
-            dst.unlink() if dst.is_file() else shutil.rmtree(dst)
-        if src.is_dir():
-            shutil.copytree(src, dst)
-        else:
-            try:
-                os.link(src, dst)
-            except OSError:
-                shutil.copy2(src, dst)
-        out.append(str(name))
-    return out
-
-
 def _method(name: str, denoiser_cfg) -> str:
     """'dncnn-mse', 'dncnn-stability'; started from another run: 'dncnn-stability+mse' ("Stab+MSE")."""
     method = f"{name}-{denoiser_cfg.objective}"
@@ -106,43 +83,16 @@ def _eval_settings(train_cfg):
     return TrainSettings.from_cfg({k: train_cfg[k] for k in keys if k in train_cfg})
 
 
-def denoiser_evaluator(test_set, sigma: float, settings, seed: int):
-    """Clean / noisy accuracy of f(D(.)) (the shared evaluator) plus the denoiser's test MSE on the
-    same kind of seeded noise: ||D(x + noise) - x||^2 per pixel."""
-    from peftsmooth.train.loop import accuracy_evaluator, add_noise, eval_loader
-
-    accuracy = accuracy_evaluator(test_set, sigma, settings, seed)
-    loader = eval_loader(test_set, settings)
-
-    @torch.no_grad()
-    def evaluate(model, dist_info=None) -> dict:
-        out = accuracy(model, dist_info)
-        was_training = model.training
-        model.eval()
-        device = next(model.parameters()).device
-        total = count = 0.0
-        for b, (x, _) in enumerate(loader):
-            x = x.to(device)
-            noisy = add_noise(x, sigma, torch.Generator().manual_seed(seed * 1_000_003 + b))
-            total += float(((model(noisy, part="denoiser").float() - x) ** 2).sum())
-            count += x.numel()
-        model.train(was_training)
-        out["test_mse"] = total / max(count, 1)
-        return out
-
-    return evaluate
-
-
 def check_denoise_baseline(cfg) -> None:
     """Every check denoise-baseline makes before a model, data or the network (the CLI runs it before
     Hydra starts): the denoiser's class, objective and init run, train.*, resume=, base= or the model."""
     from hydra.utils import get_class
 
-    from peftsmooth.train.losses import build_objective
     from peftsmooth.models import check_model_config
     from peftsmooth.runs import read_run_info
-    from peftsmooth.train.run import check_resume
     from peftsmooth.runtime import resolve_device
+    from peftsmooth.train.losses import build_objective
+    from peftsmooth.train.run import check_resume
     from peftsmooth.train.settings import TrainSettings, check_precision
 
     try:
@@ -163,9 +113,9 @@ def run_denoise_baseline(cfg) -> dict:
     from hydra.utils import instantiate
 
     from peftsmooth.front.denoisers import DenoisedClassifier
+    from peftsmooth.runtime import resolve_device, seed_everything
     from peftsmooth.train.losses import build_objective
     from peftsmooth.train.run import Run
-    from peftsmooth.runtime import resolve_device, seed_everything
     from peftsmooth.train.settings import TrainSettings
 
     # --- everything that can be wrong is checked before any work
@@ -205,7 +155,7 @@ def _run_info(cfg, run, base: RunInfo | None, method: str, fields: dict, model, 
 
     trainable, total = count_parameters(model)
     data_cfg = to_plain(fields["dataset"])
-    base_files = _link_base_files(cfg.base, base.files, run.path) if base and base.adapt else []
+    base_files = link_run_files(cfg.base, base.files, run.path) if base and base.adapt else []
     return RunInfo.from_fields(
         method=method, **fields, num_classes=int(data_cfg["num_classes"]), image_size=list(data_cfg["image_size"]),
         sigma=float(cfg.sigma), front=cfg.denoiser,

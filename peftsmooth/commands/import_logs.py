@@ -15,10 +15,10 @@ import logging
 import math
 from pathlib import Path
 
-from peftsmooth.report import import_logs
 from peftsmooth.certify import results
 from peftsmooth.config import hydra_app, output_dir
 from peftsmooth.errors import require
+from peftsmooth.report import import_logs
 
 log = logging.getLogger(__name__)
 

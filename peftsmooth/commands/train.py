@@ -59,11 +59,11 @@ def check_train(cfg) -> Checked:
     starts): train.*, the loss, the method, resume=, base=, the model's name and weight files, and
     that the method can adapt the model (on its module tree without weights)."""
     from peftsmooth.adapt import build_adaptation
-    from peftsmooth.train.losses import objective_from_cfg
     from peftsmooth.models import check_model_config, module_tree
-    from peftsmooth.train.run import check_resume
     from peftsmooth.runtime import resolve_device
+    from peftsmooth.train.losses import objective_from_cfg
     from peftsmooth.train.phases import check_method
+    from peftsmooth.train.run import check_resume
     from peftsmooth.train.settings import TrainSettings, check_precision
 
     settings = TrainSettings.from_cfg(cfg.train)
@@ -86,10 +86,10 @@ def check_train(cfg) -> Checked:
 
 def run_train(cfg) -> dict:
     from peftsmooth.data import build_dataset
-    from peftsmooth.train.run import Run
     from peftsmooth.runtime import resolve_device, seed_everything
-    from peftsmooth.train.phases import schedule_info
     from peftsmooth.train.loop import accuracy_evaluator
+    from peftsmooth.train.phases import schedule_info
+    from peftsmooth.train.run import Run
 
     # ---- every check before any work
     settings, loss_name, objective, adapt, method, model_cfg, model_name, base = check_train(cfg)

@@ -23,6 +23,8 @@ from torch.nn import init
 from peftsmooth.errors import UserError
 from peftsmooth.models import BaseClassifier, load_state_dict_file, save_state_dict_file
 from peftsmooth.runtime import freeze, pin_eval
+from peftsmooth.train.batch import add_noise
+from peftsmooth.train.loop import accuracy_evaluator, eval_loader
 
 WEIGHTS_FILE = "denoiser.safetensors"
 
@@ -204,3 +206,28 @@ class TrainedDenoiser:
             raise UserError(f"{key}={run_dir}: {WEIGHTS_FILE} does not fit {type(self.arch).__name__} "
                             f"(different architecture or channels)") from err
         return self.arch
+
+
+def denoiser_evaluator(test_set, sigma: float, settings, seed: int):
+    """Clean / noisy accuracy of f(D(.)) (the shared evaluator) plus the denoiser's test MSE on the
+    same kind of seeded noise: ||D(x + noise) - x||^2 per pixel."""
+    accuracy = accuracy_evaluator(test_set, sigma, settings, seed)
+    loader = eval_loader(test_set, settings)
+
+    @torch.no_grad()
+    def evaluate(model, dist_info=None) -> dict:
+        out = accuracy(model, dist_info)
+        was_training = model.training
+        model.eval()
+        device = next(model.parameters()).device
+        total = count = 0.0
+        for b, (x, _) in enumerate(loader):
+            x = x.to(device)
+            noisy = add_noise(x, sigma, torch.Generator().manual_seed(seed * 1_000_003 + b))
+            total += float(((model(noisy, part="denoiser").float() - x) ** 2).sum())
+            count += x.numel()
+        model.train(was_training)
+        out["test_mse"] = total / max(count, 1)
+        return out
+
+    return evaluate

@@ -76,13 +76,21 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from peftsmooth.distributed import DistInfo, all_sum, barrier, init_distributed
 from peftsmooth.errors import require
-from peftsmooth.train.losses import Batch, CrossEntropy, Objective, Progress, add_noise
 from peftsmooth.runtime import PRECISIONS, mix_seed
+from peftsmooth.train.losses import Batch, CrossEntropy, Objective, Progress, add_noise
 from peftsmooth.train.phases import HeadOnly, Phase, phase_of, plan
-from peftsmooth.train.state import (CHECKPOINT, METRICS, TrainState, check_resume_config, read_checkpoint,
-                                    read_metrics, resume_fingerprint, write_metrics)
-from peftsmooth.train.steps import FirstOrderStep, StepResult, TrainingStep, ZerothOrderStep, autocast
 from peftsmooth.train.settings import TrainSettings, check_precision
+from peftsmooth.train.state import (
+    CHECKPOINT,
+    METRICS,
+    TrainState,
+    check_resume_config,
+    read_checkpoint,
+    read_metrics,
+    resume_fingerprint,
+    write_metrics,
+)
+from peftsmooth.train.steps import FirstOrderStep, StepResult, TrainingStep, ZerothOrderStep, autocast
 from peftsmooth.train.watch import TrainingWatch
 
 __all__ = ["TrainSettings", "fit", "preflight", "check_precision", "accuracy_evaluator", "eval_loader",
@@ -219,7 +227,14 @@ def _epoch_loader(train_set: Dataset, per_rank: int, settings: TrainSettings, se
 
 
 def _progress(enabled: bool):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), TimeRemainingColumn(),

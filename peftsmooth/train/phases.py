@@ -30,7 +30,6 @@ from typing import Any
 import torch.nn as nn
 
 from peftsmooth.errors import UserError, require
-
 from peftsmooth.train.settings import TrainSettings
 
 

@@ -23,9 +23,8 @@ import torch
 import torch.nn as nn
 
 from peftsmooth.distributed import DistInfo
-from peftsmooth.train.losses import Batch, Objective, Progress
 from peftsmooth.runtime import PRECISIONS
-
+from peftsmooth.train.losses import Batch, Objective, Progress
 from peftsmooth.train.settings import TrainSettings
 
 
