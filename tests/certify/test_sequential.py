@@ -40,7 +40,7 @@ from peftsmooth.certify.stats import clopper_pearson_lower, clopper_pearson_uppe
 
 ALPHA, SIGMA, N_MAX = 0.1, 0.5, 4096
 GRID = (0.25, 0.5, 0.75, 1.0)
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_sequential.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "bench_sequential.py"
 
 
 def bernoulli(pa, rng):
