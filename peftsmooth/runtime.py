@@ -106,6 +106,19 @@ def freeze(module: nn.Module) -> nn.Module:
     return module
 
 
+@contextlib.contextmanager
+def evaluating(module: nn.Module):
+    """`module` with every submodule in eval mode; each submodule's own flag restored on exit."""
+    training = [m for m in module.modules() if m.training]
+    for m in training:
+        m.training = False
+    try:
+        yield module
+    finally:
+        for m in training:
+            m.training = True
+
+
 class EvalPinned(nn.Module):
     """Mixin for modules that must never leave eval mode (frozen encoders, sealed backbones): `train()`
     keeps them in eval, so batch-norm statistics and dropout never change under `model.train()`."""

@@ -7,9 +7,10 @@
 
 A certification MODE is one entry of `MODES`: it turns (Smooth, one image, its seed, the settings) into
 the fields of the image's row (prediction, radius, samples). `cohen` (CERTIFY), `predict` (PREDICT)
-and `sequential` (sequential CERTIFY) are registered below; a new mode subclasses `Mode`, checks its
-own certify.* keys in `read_options`, returns the row fields from `certify_one`, and registers itself
-with `@register("name")`.
+and `sequential` (sequential CERTIFY) are registered below as pool jobs (`job` and `outcome`): many
+images in flight fill every forward pass (`peftsmooth.certify.pool`), and rows come in completion
+order. A new mode subclasses `Mode`, checks its own certify.* keys in `read_options`, returns either a
+job or the row fields from `certify_one` (image by image), and registers itself with `@register("name")`.
 Every row carries `samples`: the forward passes spent on the image, selection samples included.
 """
 
@@ -26,8 +27,9 @@ import torch
 
 from peftsmooth.certify import results
 from peftsmooth.certify.noise import NOISE_SCHEME
-from peftsmooth.certify.sequential import STOP_RULES, sequential_certificates, stop_rule
-from peftsmooth.certify.smoothing import Smooth, image_seed, selection_group
+from peftsmooth.certify.pool import Job, run_pool
+from peftsmooth.certify.sequential import STOP_RULES, SequentialCertificate, look_plan, sequential_job, stop_rule
+from peftsmooth.certify.smoothing import Certificate, Smooth, image_seed
 from peftsmooth.distributed import rank_share
 from peftsmooth.errors import UserError, choice_error, require
 from peftsmooth.runtime import PRECISIONS
@@ -50,21 +52,13 @@ class Image:
     seed: int
 
 
-@dataclass(frozen=True)
-class Outcome:
-    """What a mode says about one image: the row fields beyond idx and label."""
-
-    prediction: int
-    radius: float
-    samples: int  # forward passes spent on the image, selection samples included
-    seconds: float
-
-
 class Mode:
-    """One certification procedure. The default certifies image by image with `certify_one`; a mode
-    that shares forward passes between images overrides `group_size` and `certify_group`."""
+    """One certification procedure. A mode that runs in the pool of images in flight (`pool`) returns a
+    job from `job` and reads its answer in `outcome`; a simpler mode certifies image by image in
+    `certify_one`."""
 
     uses_n0 = True  # whether certify.n0 is part of the rows' identity (resume, merge)
+    pooled = False  # whether it runs as pool jobs (`job`, `outcome`) rather than `certify_one`
 
     def read_options(self, c) -> dict[str, Any]:
         """This mode's own certify.* keys, checked (a UserError names the first bad one)."""
@@ -74,20 +68,18 @@ class Mode:
         """The sample-size keys and the noise scheme that give a row its meaning (see results.IDENTITY_KEYS)."""
         return {"n0": s.n0 if self.uses_n0 else None, "n": s.n, "noise": NOISE_SCHEME}
 
-    def group_size(self, s: Settings, batch_size: int) -> int:
-        return 1
+    def job(self, g: Smooth, x: torch.Tensor, seed: int, s: Settings) -> Job | None:
+        """The image's certification as a pool job, or None for a mode that runs `certify_one`."""
+        return None
+
+    def outcome(self, result: Any, s: Settings) -> tuple[int, float, int]:
+        """(prediction, radius, samples) from a job's answer."""
+        raise NotImplementedError
 
     def certify_one(self, g: Smooth, x: torch.Tensor, seed: int, s: Settings,
                     batch_size: int) -> tuple[int, float, int]:
         """(prediction, radius, samples) of one image."""
         raise NotImplementedError
-
-    def certify_group(self, g: Smooth, images: Sequence[Image], s: Settings, batch_size: int) -> Iterator[Outcome]:
-        """One outcome per image, in order, timed image by image."""
-        for image in images:
-            start = time.perf_counter()
-            prediction, radius, samples = self.certify_one(g, image.x, image.seed, s, batch_size)
-            yield Outcome(prediction, radius, samples, time.perf_counter() - start)
 
 
 MODES: dict[str, Mode] = {}
@@ -103,17 +95,15 @@ def register(name: str) -> Callable[[type[Mode]], type[Mode]]:
 
 @register("cohen")
 class Certify(Mode):
-    """CERTIFY (validity rule 2): n0 selection samples, n estimation samples; the selection samples of
-    up to batch_size // n0 images share forward passes (certify.pack)."""
+    """CERTIFY (validity rule 2): n0 selection samples, then n estimation samples."""
 
-    def group_size(self, s: Settings, batch_size: int) -> int:
-        return selection_group(s.n0, batch_size, s.pack)
+    pooled = True
 
-    def certify_group(self, g: Smooth, images: Sequence[Image], s: Settings, batch_size: int) -> Iterator[Outcome]:
-        certificates = g.certify_many([im.x for im in images], [im.seed for im in images], s.n0, s.n, s.alpha,
-                                      batch_size, pack=s.pack)
-        for cert in certificates:
-            yield Outcome(cert.prediction, cert.radius, s.n0 + s.n, cert.seconds)
+    def job(self, g: Smooth, x: torch.Tensor, seed: int, s: Settings) -> Job:
+        return g.certify_job(x, seed, s.n0, s.n, s.alpha)
+
+    def outcome(self, result: Certificate, s: Settings) -> tuple[int, float, int]:
+        return result.prediction, result.radius, s.n0 + s.n
 
 
 @register("predict")
@@ -121,18 +111,20 @@ class Predict(Mode):
     """PREDICT (validity rule 3): n samples, a binomial test of the top two counts; no radius."""
 
     uses_n0 = False
+    pooled = True
 
-    def certify_one(self, g: Smooth, x: torch.Tensor, seed: int, s: Settings,
-                    batch_size: int) -> tuple[int, float, int]:
-        return g.predict(x, s.n, s.alpha, batch_size, seed=seed), 0.0, s.n
+    def job(self, g: Smooth, x: torch.Tensor, seed: int, s: Settings) -> Job:
+        return g.predict_job(x, seed, s.n, s.alpha)
+
+    def outcome(self, result: int, s: Settings) -> tuple[int, float, int]:
+        return result, 0.0, s.n
 
 
 @register("sequential")
 class Sequential(Certify):
-    """Sequential CERTIFY (peftsmooth.certify.sequential): CERTIFY's selection (packed, `Certify.group_size`), then
-    estimation samples look by look up to certify.n_max, stopped as soon as the stopping rule
-    (certify.stop) is settled; a time-uniform lower bound keeps the certificate's failure probability
-    at alpha (validity rule 6)."""
+    """Sequential CERTIFY (peftsmooth.certify.sequential): CERTIFY's selection, then estimation samples
+    look by look up to certify.n_max, stopped as soon as the stopping rule (certify.stop) is settled; a
+    time-uniform lower bound keeps the certificate's failure probability at alpha (validity rule 6)."""
 
     def read_options(self, c) -> dict[str, Any]:
         n_max = c.get("n_max")
@@ -158,13 +150,13 @@ class Sequential(Certify):
         keys = ("stop", "radii", "max_radius_loss")
         return {**super().identity(s), **{k: s.options[k] for k in keys}}
 
-    def certify_group(self, g: Smooth, images: Sequence[Image], s: Settings, batch_size: int) -> Iterator[Outcome]:
+    def job(self, g: Smooth, x: torch.Tensor, seed: int, s: Settings) -> Job:
         o = s.options
-        certificates = sequential_certificates(g, [im.x for im in images], [im.seed for im in images], s.n0,
-                                               o["n_max"], s.alpha, batch_size, pack=s.pack, stop=o["stop"],
-                                               radii=o["radii"], max_radius_loss=o["max_radius_loss"])
-        for cert in certificates:
-            yield Outcome(cert.prediction, cert.radius, cert.samples, cert.seconds)
+        rule = stop_rule(o["stop"], o["radii"], o["max_radius_loss"])
+        return sequential_job(g, x, seed, s.n0, look_plan(o["n_max"], s.alpha, stop=rule.stop), rule)
+
+    def outcome(self, result: SequentialCertificate, s: Settings) -> tuple[int, float, int]:
+        return result.prediction, result.radius, result.samples
 
 
 # --- settings, checked before anything runs -------------------------------------------------
@@ -189,6 +181,7 @@ class Settings:
     merge_adapters: bool
     pack: bool
     radius_grid: list[float]
+    pool_size: int | None = None  # most images in flight (None: as many as fill a batch)
     options: dict[str, Any] = field(default_factory=dict)  # the mode's own keys (Mode.read_options)
 
     @classmethod
@@ -209,6 +202,7 @@ class Settings:
                    compile=bool(c.compile), compile_mode=str(c.get("compile_mode", "default")),
                    channels_last=bool(c.channels_last), merge_adapters=bool(c.merge_adapters),
                    pack=bool(c.get("pack", True)), radius_grid=[float(r) for r in grid],
+                   pool_size=c.get("pool_size"),
                    options=options)
 
     @property
@@ -238,6 +232,9 @@ def _check_numbers(c) -> None:
     require(bs == "auto" or _is_int(bs, 1), f"certify.batch_size={bs} must be an integer >= 1 or auto")
     require(_is_int(c.get("skip"), 1), f"certify.skip={c.get('skip')} must be an integer >= 1")
     require(_is_int(c.get("start"), 0), f"certify.start={c.get('start')} must be an integer >= 0")
+    pool = c.get("pool_size")
+    require(pool is None or _is_int(pool, 1), f"certify.pool_size={pool} must be an integer >= 1 or null "
+                                              f"(null: as many images in flight as fill a batch)")
     require(c.get("max") is None or _is_int(c.get("max"), 1), f"certify.max={c.get('max')} must be null or an integer >= 1")
     require(_is_int(c.get("num_shards"), 1), f"certify.num_shards={c.get('num_shards')} must be an integer >= 1")
     require(_is_int(c.get("shard"), 0) and c.get("shard") < c.get("num_shards"),
@@ -284,14 +281,25 @@ def resume_rows(out: Path, identity: dict, wanted: set[int], *, resume: str | No
 # --- the loop -------------------------------------------------------------------------------
 
 def certify_rows(g: Smooth, dataset, todo: Sequence[int], s: Settings, seed: int, batch_size: int) -> Iterator[dict]:
-    """One row per image of `todo`, in order: idx, label, predict, radius, correct, time, samples."""
+    """One row per image of `todo`: idx, label, predict, radius, correct, time, samples. Pool modes run
+    with many images in flight (one at a time without certify.pack) and give rows in completion order;
+    a mode without jobs, image by image in order. An image's row never depends on which."""
     mode = s.engine_mode
-    size = mode.group_size(s, batch_size)
-    for first in range(0, len(todo), size):
-        images = [load_image(dataset, idx, seed) for idx in todo[first: first + size]]
-        for image, out in zip(images, mode.certify_group(g, images, s, batch_size), strict=True):
-            yield {"idx": image.idx, "label": image.label, "predict": out.prediction, "radius": out.radius,
-                   "correct": int(out.prediction == image.label), "time": out.seconds, "samples": out.samples}
+    images = (load_image(dataset, idx, seed) for idx in todo)
+    if not mode.pooled:
+        for image in images:
+            start = time.perf_counter()
+            prediction, radius, samples = mode.certify_one(g, image.x, image.seed, s, batch_size)
+            yield _row(image, prediction, radius, samples, time.perf_counter() - start)
+        return
+    jobs = ((image, mode.job(g, image.x, image.seed, s)) for image in images)
+    for done in run_pool(g, jobs, batch_size, max_in_flight=s.pool_size if s.pack else 1):
+        yield _row(done.key, *mode.outcome(done.result, s), done.seconds)
+
+
+def _row(image: Image, prediction: int, radius: float, samples: int, seconds: float) -> dict:
+    return {"idx": image.idx, "label": image.label, "predict": prediction, "radius": radius,
+            "correct": int(prediction == image.label), "time": seconds, "samples": samples}
 
 
 def load_image(dataset, idx: int, seed: int) -> Image:

@@ -36,6 +36,10 @@ IDENTITY_KEYS = ("mode", "n0", "n", "alpha", "sigma", "seed", "precision", "data
                  "stop", "radii", "max_radius_loss")  # the last three: certify=sequential's stopping rule
 # Shards being merged must also share the image selection they split.
 SELECTION_KEYS = ("skip", "start", "max")
+# Counters of the forward passes, which the rows cannot tell: summed over the sessions of a resumed
+# certification and over merged shards. batch_fill = samples_drawn / batch_capacity (forward calls x
+# batch size); wall_seconds: the certification loop's wall time.
+THROUGHPUT_KEYS = ("forward_calls", "samples_drawn", "batch_capacity", "wall_seconds")
 # What summarize computes from the rows; every other key of a summary.json is metadata.
 METRIC_KEYS = frozenset({"acr", "certified_accuracy", "clean_accuracy", "abstain_rate", "num_images",
                          "samples_per_second", "elapsed_seconds", "complete", "radius_grid",
@@ -141,6 +145,18 @@ def summarize(rows: Sequence[dict], radius_grid: Sequence[float], **meta) -> dic
     planned = meta.get("num_planned")
     summary["complete"] = planned is not None and num == int(planned)
     return summary
+
+
+def throughput(*counters: dict | None) -> dict:
+    """THROUGHPUT_KEYS summed over `counters` (sessions or shards; None or a missing key counts 0), and
+    batch_fill; {} when none of them has any."""
+    present = [c for c in counters if c and any(c.get(k) is not None for k in THROUGHPUT_KEYS)]
+    if not present:
+        return {}
+    totals = {k: sum(c.get(k) or 0 for c in present) for k in THROUGHPUT_KEYS}
+    totals["wall_seconds"] = round(float(totals["wall_seconds"]), 3)
+    totals["batch_fill"] = totals["samples_drawn"] / totals["batch_capacity"] if totals["batch_capacity"] else None
+    return totals
 
 
 def summary_metadata(summary: dict | None) -> dict:
@@ -312,6 +328,7 @@ def merge_certifications(shards: Sequence[CertificationFiles]) -> tuple[list[dic
     meta["merged_from"] = [str(s.path) for s in shards]
     complete_set = len({s.get("shard") for s in summaries}) == num_shards
     meta["num_planned"] = sum(int(s.get("num_planned") or 0) for s in summaries) if complete_set else None
+    meta.update(throughput(*summaries))
     return merge_rows(s.rows for s in shards), meta
 
 

@@ -59,17 +59,19 @@ stop="radius" bounds the radius each image may lose.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import itertools
 import math
-import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Generator, Iterable, Iterator, Sequence
 
 import numpy as np
 from scipy.special import ndtri
 from scipy.stats import norm
 
-from peftsmooth.certify.noise import ESTIMATION, NoiseStream, check_args, fresh_seed
+from peftsmooth.certify.noise import ESTIMATION, SELECTION, check_args, fresh_seed
+from peftsmooth.certify.pool import Job, Request, in_order, run_pool
 from peftsmooth.certify.stats import ABSTAIN, clopper_pearson_lower, clopper_pearson_upper, radius
 
 FIRST_LOOK = 128  # estimation samples at the first look
@@ -230,12 +232,25 @@ def certify_sequential(draw: Callable[[int], int], n_max: int, alpha: float, sig
 
 
 def run_plan(draw: Callable[[int], int], plan: LookPlan, sigma: float, rule: StopRule) -> SequentialResult:
-    """The looks of `plan`, taken as given (`certify_sequential` checks it first): draw up to each look,
-    bound, decide, stop when the rule says so. Any plan runs here, an invalid one too, so that the
-    tests can show what an invalid plan does."""
+    """The looks of `plan`, taken as given (`certify_sequential` checks it first), with `draw` called
+    once per look. Any plan runs here, an invalid one too, so that the tests can show what an invalid
+    plan does."""
+    steps = plan_steps(plan, sigma, rule)
+    m = next(steps)
+    while True:
+        try:
+            m = steps.send(draw(m))
+        except StopIteration as stop:
+            return stop.value
+
+
+def plan_steps(plan: LookPlan, sigma: float, rule: StopRule) -> Generator[int, int, SequentialResult]:
+    """The procedure as a generator: yields how many fresh samples to draw up to the next look, is sent
+    how many of them hit, bounds and decides at each look, and returns the result when the rule stops
+    (so that a pool of images in flight can draw the samples of many images in one forward pass)."""
     hits, drawn, trace = 0, 0, []
     for j, n in enumerate(plan.looks):
-        got = int(draw(n - drawn))
+        got = int((yield n - drawn))
         if not 0 <= got <= n - drawn:
             raise ValueError(f"draw({n - drawn}) returned {got} hits")
         hits, drawn = hits + got, n
@@ -313,27 +328,38 @@ def sequential_certificates(g, xs: Iterable, seeds: Iterable[int], n0: int, n_ma
                             precision: str | None = None) -> Iterator[SequentialCertificate]:
     """Sequential CERTIFY of each image on the `Smooth` classifier g, in order.
 
-    n0 selection samples (g's SELECTION stream; with `pack`, shared forward passes between images, the
-    same counts) pick cAHat; the estimation samples come from g's ESTIMATION stream of the same seed,
-    in order, so running to n_max sees exactly the samples of `g.certify(x, n0, n_max, ...)`, and no
-    batch size changes a decision. All arguments are checked before anything is sampled.
+    n0 selection samples (g's SELECTION stream) pick cAHat; the estimation samples come from g's
+    ESTIMATION stream of the same seed, in order, so running to n_max sees exactly the samples of
+    `g.certify(x, n0, n_max, ...)`, and no batch size changes a decision. With `pack`, many images are
+    in flight and every forward pass is filled from their looks (`pool`; the same answers). All
+    arguments are checked before anything is sampled.
     """
     check_args(n0=n0, n=n_max, alpha=alpha, batch_size=batch_size)
     rule = stop_rule(stop, radii, max_radius_loss)
     plan = look_plan(n_max, alpha, stop=rule.stop)
+    jobs = ((i, sequential_job(g, x, seed, n0, plan, rule)) for i, (x, seed) in enumerate(zip(xs, seeds)))
     with g._precision(precision):
-        for x, seed, cAHat, share in g.select_many(xs, seeds, n0, batch_size, pack=pack):
-            start = time.perf_counter()
-            stream = NoiseStream(seed, ESTIMATION, x.shape, g.sigma, g._device(x))
+        for done in in_order(run_pool(g, jobs, batch_size, max_in_flight=None if pack else 1), itertools.count()):
+            yield dataclasses.replace(done.result, seconds=done.seconds)
 
-            def draw(m: int) -> int:
-                return int(g._count([(x, stream, m)], batch_size)[0][cAHat])
 
-            result = certify_sequential(draw, n_max, alpha, g.sigma, stop=rule.stop, radii=rule.radii or None,
-                                        max_radius_loss=rule.max_radius_loss, plan=plan)
-            prediction = cAHat if result.certified else ABSTAIN
-            yield SequentialCertificate(prediction, result.radius, n0 + result.samples, cAHat, result,
-                                        share + time.perf_counter() - start)
+def sequential_job(g, x, seed: int, n0: int, plan: LookPlan, rule: StopRule) -> Job:
+    """Sequential CERTIFY of one image as a pool job: n0 selection samples, then one request per look."""
+    x = g._on_device(x)
+    selection = yield Request(x, g._stream(x, seed, SELECTION), n0)
+    cAHat = int(selection.argmax())
+    stream = g._stream(x, seed, ESTIMATION)
+    steps = plan_steps(plan, g.sigma, rule)
+    m = next(steps)
+    while True:
+        counts = yield Request(x, stream, m)
+        try:
+            m = steps.send(int(counts[cAHat]))
+        except StopIteration as stop:
+            result = stop.value
+            break
+    prediction = cAHat if result.certified else ABSTAIN
+    return SequentialCertificate(prediction, result.radius, n0 + result.samples, cAHat, result)
 
 
 def smooth_certify_sequential(g, x, n0: int, n_max: int, alpha: float, batch_size: int, *,

@@ -22,9 +22,9 @@ the dataset's native pixel space (f does its own resizing and normalization). `S
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import logging
-import time
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Sequence
 
@@ -42,16 +42,12 @@ from peftsmooth.certify.noise import (  # noqa: F401
     fresh_seed,
     image_seed,
 )
+from peftsmooth.certify.pool import Job, Request, in_order, run_pool
 from peftsmooth.certify.sequential import smooth_certify_sequential
 from peftsmooth.certify.stats import ABSTAIN, binomial_pvalue, lower_confidence_bound, radius
-from peftsmooth.runtime import PRECISIONS
+from peftsmooth.runtime import PRECISIONS, evaluating
 
 log = logging.getLogger(__name__)
-
-def selection_group(n0: int, batch_size: int, pack: bool = True) -> int:
-    """How many images share the forward passes of their n0 selection samples (`certify_many`)."""
-    return max(1, batch_size // n0) if pack else 1
-
 
 @dataclass
 class Certificate:
@@ -90,6 +86,8 @@ class Smooth:
         self.channels_last = bool(channels_last)
         self.pad_batches = bool(pad_batches)
         self.max_batch: int | None = None  # set by the first out-of-memory retry
+        self.forward_calls = 0  # forward passes of f so far (the warm-up of `compile` not included)
+        self.samples_drawn = 0  # noisy samples classified so far (padding rows not included)
 
     # --- the two algorithms -------------------------------------------------------------------
 
@@ -133,6 +131,11 @@ class Smooth:
         seed = fresh_seed() if seed is None else int(seed)
         with self._precision(precision):
             counts = self._sample_noise(x, n, batch_size, seed, PREDICTION)
+        return self._predict_from_counts(counts, alpha)
+
+    @staticmethod
+    def _predict_from_counts(counts: np.ndarray, alpha: float) -> int:
+        """PREDICT's test: the top class, unless the binomial test of the top two counts fails at alpha."""
         top2 = np.argsort(-counts, kind="stable")[:2]
         count1, count2 = int(counts[top2[0]]), int(counts[top2[1]])
         if binomial_pvalue(count1, count2) > alpha:
@@ -144,16 +147,33 @@ class Smooth:
         """CERTIFY for a sequence of images, one `Certificate` per image in order.
 
         Same samples and same answers as calling `certify(x, ..., seed=s)` image by image; with `pack`,
-        the n0 selection samples of up to batch_size // n0 images share one forward pass.
+        many images are in flight and every forward pass is filled from their samples (`pool`).
         """
         check_args(n0=n0, n=n, alpha=alpha, batch_size=batch_size)
+        jobs = ((i, self.certify_job(x, seed, n0, n, alpha)) for i, (x, seed) in enumerate(zip(xs, seeds)))
         with self._precision(precision):
-            for x, seed, cAHat, share in self.select_many(xs, seeds, n0, batch_size, pack=pack):
-                start = time.perf_counter()
-                nA = int(self._sample_noise(x, n, batch_size, seed, ESTIMATION)[cAHat])
-                pABar = lower_confidence_bound(nA, n, alpha)
-                prediction, r = (cAHat, radius(self.sigma, pABar)) if pABar >= 0.5 else (Smooth.ABSTAIN, 0.0)
-                yield Certificate(prediction, r, cAHat, nA, pABar, share + time.perf_counter() - start)
+            for done in in_order(run_pool(self, jobs, batch_size, max_in_flight=None if pack else 1),
+                                 itertools.count()):
+                yield dataclasses.replace(done.result, seconds=done.seconds)
+
+    # --- the algorithms as jobs of a pool of images in flight (peftsmooth.certify.pool) ----------
+
+    def certify_job(self, x: torch.Tensor, seed: int, n0: int, n: int, alpha: float) -> Job:
+        """CERTIFY of one image as a pool job: its n0 selection samples, then n estimation samples."""
+        x = self._on_device(x)
+        counts_selection = yield Request(x, self._stream(x, seed, SELECTION), n0)
+        cAHat = int(counts_selection.argmax())
+        counts_estimation = yield Request(x, self._stream(x, seed, ESTIMATION), n)
+        nA = int(counts_estimation[cAHat])
+        pABar = lower_confidence_bound(nA, n, alpha)
+        prediction, r = (cAHat, radius(self.sigma, pABar)) if pABar >= 0.5 else (Smooth.ABSTAIN, 0.0)
+        return Certificate(prediction, r, cAHat, nA, pABar, 0.0)
+
+    def predict_job(self, x: torch.Tensor, seed: int, n: int, alpha: float) -> Job:
+        """PREDICT of one image as a pool job: n samples; returns the class or ABSTAIN."""
+        x = self._on_device(x)
+        counts = yield Request(x, self._stream(x, seed, PREDICTION), n)
+        return self._predict_from_counts(counts, alpha)
 
     def certify_sequential(self, x: torch.Tensor, n0: int, n_max: int, alpha: float, batch_size: int, *,
                            radii: Sequence[float] | None = None, max_radius_loss: float | None = None,
@@ -173,21 +193,6 @@ class Smooth:
         return smooth_certify_sequential(self, x, n0, n_max, alpha, batch_size, radii=radii,
                                          max_radius_loss=max_radius_loss, seed=seed, stop=stop, precision=precision)
 
-    def select_many(self, xs: Iterable[torch.Tensor], seeds: Iterable[int], n0: int, batch_size: int, *,
-                    pack: bool = True) -> Iterator[tuple[torch.Tensor, int, int, float]]:
-        """CERTIFY's selection step for a sequence of images: (x, seed, cAHat, seconds) per image, in
-        order; with `pack` the n0 selection samples of up to batch_size // n0 images share one forward
-        pass (the same counts as image by image). Runs under the caller's precision."""
-        group = selection_group(n0, batch_size, pack)
-        pairs = zip(xs, seeds)
-        while chunk := [pair for _, pair in zip(range(group), pairs)]:
-            start = time.perf_counter()
-            selection = self._count([(x, NoiseStream(s, SELECTION, x.shape, self.sigma, self._device(x)), n0)
-                                     for x, s in chunk], batch_size)
-            share = (time.perf_counter() - start) / len(chunk)
-            for (x, seed), counts_selection in zip(chunk, selection):
-                yield x, seed, int(counts_selection.argmax()), share
-
     # --- compilation --------------------------------------------------------------------------
 
     def compile(self, batch_size: int, image_shape: Sequence[int], *, mode: str | None = None) -> str | None:
@@ -200,9 +205,11 @@ class Smooth:
             self.base_classifier = torch.compile(eager, mode=None if mode in (None, "default") else mode)
             self.pad_batches = True
             warm = torch.zeros(batch_size, *[int(s) for s in image_shape], device=self._device(None))
+            counters = self.forward_calls, self.samples_drawn
             with torch.no_grad(), evaluating(eager):
                 for _ in range(2):
                     self._classify(warm, batch_size)
+            self.forward_calls, self.samples_drawn = counters  # the warm-up is not part of a certification
             return None
         except Exception as err:  # noqa: BLE001 - any compiler failure falls back to eager execution
             log.warning("torch.compile failed (%s: %s); certifying the eager model", type(err).__name__, err)
@@ -275,6 +282,8 @@ class Smooth:
 
     def _forward(self, chunk: torch.Tensor, full: int) -> torch.Tensor:
         rows = len(chunk)
+        self.forward_calls += 1
+        self.samples_drawn += rows
         if self.pad_batches and rows < full:
             chunk = torch.cat([chunk, chunk.new_zeros((full - rows, *chunk.shape[1:]))])
         if self.channels_last and chunk.dim() == 4:
@@ -286,6 +295,12 @@ class Smooth:
         return logits[:rows].argmax(dim=1)
 
     # --- helpers ------------------------------------------------------------------------------
+
+    def _on_device(self, x: torch.Tensor) -> torch.Tensor:
+        return x.to(device=self._device(x), dtype=torch.float32)
+
+    def _stream(self, x: torch.Tensor, seed: int, phase: str) -> NoiseStream:
+        return NoiseStream(seed, phase, x.shape, self.sigma, self._device(x))
 
     def _device(self, x: torch.Tensor | None) -> torch.device:
         """The classifier's device; for one without parameters or buffers, x's (or the CPU)."""
@@ -309,19 +324,6 @@ class Smooth:
         if dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-@contextlib.contextmanager
-def evaluating(module: nn.Module):
-    """`module` with every submodule in eval mode; each submodule's own flag restored on exit."""
-    training = [m for m in module.modules() if m.training]
-    for m in training:
-        m.training = False
-    try:
-        yield module
-    finally:
-        for m in training:
-            m.training = True
 
 
 def _check_precision(precision: str) -> None:

@@ -20,6 +20,7 @@ import logging
 import os
 import platform
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -91,11 +92,16 @@ def run_certify(cfg) -> dict:
             **({"shard": s.shard, "num_shards": s.num_shards} if s.num_shards > 1 else {})}
     done = {r["idx"] for r in rows}
     todo = [i for i in indices if i not in done]
-    results.write_results(out, rows, s.radius_grid, **meta)  # settings on disk before the first row
+    earlier = results.throughput(results.read_summary(out)) if rows else {}  # sessions that ran to the end
+    results.write_results(out, rows, s.radius_grid, **meta, **earlier)  # settings on disk before the first row
 
+    start = time.perf_counter()
     with CertifyProgress(len(indices), rows, show=dist.is_main) as progress:
         certify_into(out, certify_rows(g, dataset, todo, s, int(cfg.seed), batch_size), on_row=progress)
-    summary = results.write_results(out, results.read_tsv(out / results.TSV_FILE), s.radius_grid, **meta)
+    session = {"forward_calls": g.forward_calls, "samples_drawn": g.samples_drawn,
+               "batch_capacity": g.forward_calls * batch_size, "wall_seconds": time.perf_counter() - start}
+    summary = results.write_results(out, results.read_tsv(out / results.TSV_FILE), s.radius_grid, **meta,
+                                    **results.throughput(earlier, session))
     if g.max_batch:
         log.info("out-of-memory retries: batches of at most %d", g.max_batch)
     if dist.world_size > 1:
@@ -132,6 +138,9 @@ def _log_summary(summary: dict, where: Path) -> None:
                  f"{summary['samples_per_second']:,.0f}" if summary.get("samples_per_second") else "-", where)
     else:
         log.info("smoothed accuracy %.3f, abstain %.3f -> %s", summary["clean_accuracy"], summary["abstain_rate"], where)
+    if summary.get("forward_calls"):
+        log.info("%d forward passes, batch fill %.3f, wall time %.1f s", summary["forward_calls"],
+                 summary["batch_fill"], summary["wall_seconds"])
 
 
 # --- where the results go: hydra.run.dir in conf/certify.yaml, resolved while Hydra composes ---

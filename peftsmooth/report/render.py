@@ -20,7 +20,8 @@ from peftsmooth.report.table import DEFAULT_RADII, Report, build_report, curve_l
 COLUMNS = ["method", "model", "sigma", "trainable params", "clean acc"]
 CSV_KEYS = ["method", "model", "dataset", "sigma", "trainable_params", "total_params", "mode", "n",
             "num_images", "clean_accuracy"]
-CSV_TAIL = ["acr", "samples_per_image", "cert_time_s", "status", "run", "certification"]
+CSV_TAIL = ["acr", "samples_per_image", "cert_time_s", "forward_calls", "batch_fill", "wall_s", "status", "run",
+            "certification"]
 
 
 def _fmt_count(value) -> str:
@@ -52,7 +53,7 @@ def _fmt_time(seconds) -> str:
 def display_table(report: Report) -> tuple[list[str], list[list[str]]]:
     """Header and formatted cells (accuracies in %, as papers print them)."""
     header = COLUMNS + [results.radius_column(r) for r in report.radius_grid] + [
-        "ACR", "samples/img", "cert time", "status"]
+        "ACR", "samples/img", "cert time", "fwd calls", "fill", "status"]
     cells = []
     for row in report.rows:
         cells.append([
@@ -61,7 +62,8 @@ def display_table(report: Report) -> tuple[list[str], list[list[str]]]:
             _fmt_count(row["trainable_params"]), _fmt_pct(row["clean_accuracy"]),
             *[_fmt_pct(row[results.radius_column(r)]) for r in report.radius_grid],
             "-" if row["acr"] is None or math.isnan(row["acr"]) else f"{row['acr']:.3f}",
-            _fmt_count(row["samples_per_image"]), _fmt_time(row["cert_time_s"]), row["status"],
+            _fmt_count(row["samples_per_image"]), _fmt_time(row["cert_time_s"]), _fmt_count(row.get("forward_calls")),
+            _fmt_pct(row.get("batch_fill")), row["status"],
         ])
     return header, cells
 

@@ -124,6 +124,9 @@ def metrics(rows: Sequence[dict], radius_grid: Sequence[float], meta: dict) -> d
         "acr": summary.get("acr"),
         "samples_per_image": summary.get("mean_samples"),
         "cert_time_s": summary.get("elapsed_seconds"),
+        "forward_calls": meta.get("forward_calls"),
+        "batch_fill": meta.get("batch_fill"),
+        "wall_s": meta.get("wall_seconds"),
     }
 
 
