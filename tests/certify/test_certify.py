@@ -78,6 +78,27 @@ def test_outputs_follow_the_schema(reference):
     assert idx == list(range(0, 300, 50))
 
 
+def test_summary_counts_forward_passes_fill_and_wall_time(reference):
+    """forward_calls, samples_drawn, batch_fill and wall_seconds: 6 images x (8 + 64) samples in batches
+    of 32, packed across images (one image at a time would take 6 x (1 + 2) = 18 passes)."""
+    _, summary = reference
+    assert summary["samples_drawn"] == 6 * (8 + 64) == summary["total_samples"]
+    assert summary["batch_capacity"] == 32 * summary["forward_calls"]
+    assert summary["forward_calls"] <= -(-6 * 72 // 32) + 1 < 18
+    assert summary["batch_fill"] == pytest.approx(summary["samples_drawn"] / summary["batch_capacity"])
+    assert 0.9 < summary["batch_fill"] <= 1 and summary["wall_seconds"] > 0
+
+
+def test_merged_shards_sum_their_forward_passes(run_dir, tmp_path):
+    base = tmp_path / "cert"
+    parts = [run_certify(compose("certify", [f"run={run_dir}", *SMALL, f"certify.shard={i}", "certify.num_shards=2"],
+                                 run_dir=base / f"shard{i}of2")) for i in range(2)]
+    merged = run_merge(compose("merge", [f"dirs=[{base}]"], run_dir=tmp_path / "merge"))
+    for key in ("forward_calls", "samples_drawn", "batch_capacity"):
+        assert merged[key] == sum(p[key] for p in parts)
+    assert merged["batch_fill"] == pytest.approx(merged["samples_drawn"] / merged["batch_capacity"])
+
+
 def test_cohen_analysis_of_the_tsv_gives_the_summary(reference):
     """Cohen's analyze.py: certified accuracy at r = mean(correct & radius >= r); ACR = mean(correct * radius)."""
     out, summary = reference
@@ -235,3 +256,11 @@ def test_certify_dir_is_deterministic_for_runs(run_dir):
 def test_resume_needs_a_certify_tsv(run_dir, tmp_path):
     with pytest.raises(UserError, match="certify.resume"):
         run_certify(compose("certify", [f"run={run_dir}", *SMALL, f"certify.resume={tmp_path}"], run_dir=tmp_path))
+
+
+def test_resumed_sessions_add_their_forward_passes(run_dir, tmp_path):
+    first = run_certify(compose("certify", [f"run={run_dir}", *SMALL, "certify.max=3"], run_dir=tmp_path / "c"))
+    second = run_certify(compose("certify", [f"run={run_dir}", *SMALL], run_dir=tmp_path / "c"))
+    assert first["samples_drawn"] == 3 * 72 and second["samples_drawn"] == 6 * 72
+    assert second["forward_calls"] > first["forward_calls"]
+    assert second["wall_seconds"] >= first["wall_seconds"]
