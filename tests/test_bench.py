@@ -2,6 +2,8 @@
 
 import importlib.util
 import json
+
+import pytest
 from pathlib import Path
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_certify.py"
@@ -43,3 +45,33 @@ def test_peak_table_lookup():
     assert bench.peak_tflops("NVIDIA H100 80GB HBM3", "bf16", None) == 989.0
     assert bench.peak_tflops("some cpu", "fp32", None) is None
     assert bench.peak_tflops("some cpu", "fp32", 2.5) == 2.5
+
+
+def load_pool_script():
+    path = SCRIPT.parent / "bench_pool.py"
+    spec = importlib.util.spec_from_file_location("bench_pool", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_pool_benchmark_smoke_run_checks_rows_and_reports_fill(capsys):
+    """scripts/bench_pool.py --smoke: four configurations, the pool fills more of each forward pass than
+    one image at a time, with the same samples per image (the script itself checks the rows agree)."""
+    records = load_pool_script().main(["--smoke", "--images", "12", "--n-max", "1000", "--n0", "16",
+                                       "--batch-size", "128"])
+    by = {(r["mode"], r["pool"]): r for r in records}
+    assert len(by) == 4
+    for mode in ("sequential", "cohen"):
+        assert by[mode, True]["samples_per_image"] == by[mode, False]["samples_per_image"]
+        assert by[mode, True]["forward_calls"] < by[mode, False]["forward_calls"]
+        assert 0 < by[mode, False]["batch_fill"] < by[mode, True]["batch_fill"] <= 1
+    assert "| sequential | pool |" in capsys.readouterr().err
+
+
+def test_the_gpu_benchmark_network_has_resnet110s_size():
+    import torch
+
+    net = load_pool_script().cifar_resnet(110)
+    assert sum(p.numel() for p in net.parameters()) == pytest.approx(1.73e6, rel=0.02)
+    assert net(torch.rand(2, 3, 32, 32)).shape == (2, 10)
