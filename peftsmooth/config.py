@@ -104,7 +104,8 @@ def _close_log_files(run_dir: Path) -> None:
 
 
 def check_common(cfg) -> None:
-    """Checks every command shares: sigma is a non-negative number and device a usable one, where set."""
+    """Checks every command shares: sigma is a non-negative number, device a usable one and an image
+    folder (dataset=folder) a usable one, where set."""
     sigma = cfg.get("sigma")
     if sigma is not None:
         if isinstance(sigma, bool) or not isinstance(sigma, (int, float)):
@@ -115,6 +116,11 @@ def check_common(cfg) -> None:
         from peftsmooth.runtime import resolve_device
 
         resolve_device(cfg.device)
+    dataset = cfg.get("dataset")
+    if dataset is not None and hasattr(dataset, "get") and dataset.get("name") == "folder":
+        from peftsmooth.data import check_folder
+
+        check_folder(dataset)
 
 
 # command -> its check of the composed config (no model, data or network), set by hydra_app
@@ -146,3 +152,19 @@ def hydra_app(command: str, run_fn: Callable[[Any], Any],
             die(command, str(err))
 
     return hydra.main(config_path=str(conf_dir()), config_name=config_name(command), version_base="1.3")(task)
+
+
+def _folder_classes(root):
+    from peftsmooth.data import folder_classes
+
+    return folder_classes(root)
+
+
+def register_resolvers() -> None:
+    """The config resolvers every command's YAML may use (registered when this module is imported)."""
+    from omegaconf import OmegaConf
+
+    OmegaConf.register_new_resolver("peftsmooth_folder_classes", _folder_classes, replace=True)
+
+
+register_resolvers()

@@ -151,3 +151,83 @@ def imagenet(cfg, split: str, augment: bool) -> Dataset:
     steps = [v2.ToImage(), *geo, v2.ToDtype(torch.float32, scale=True)]
     return ImageFolder(str(folder), transform=v2.Compose(steps))
 
+
+
+# --- any folder of class sub-directories -------------------------------------------------------
+
+FOLDER_TEST_SPLITS = ("test", "val")
+
+
+def _image_files(folder: Path) -> list[Path]:
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    return [p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS]
+
+
+def folder_split(root: Path, split: str) -> Path | None:
+    """<root>/train, or <root>/test (else <root>/val); None when missing."""
+    names = ("train",) if split == "train" else FOLDER_TEST_SPLITS
+    return next((root / n for n in names if (root / n).is_dir()), None)
+
+
+def folder_classes(root) -> int | None:
+    """The number of class folders in <root>/train (None without one): `dataset.num_classes` of
+    `dataset=folder` (conf/dataset/folder.yaml resolves it with this)."""
+    train = folder_split(Path(str(root)).expanduser(), "train") if root else None
+    return sum(1 for p in train.iterdir() if p.is_dir()) if train is not None else None
+
+
+def check_folder(cfg) -> None:
+    """`dataset=folder`, before any work: train/ and test/ (or val/) under dataset.root, the same class
+    folders in both, images in each, and dataset.num_classes (when set) equal to their number."""
+    if not cfg.get("root"):
+        raise UserError("dataset=folder needs dataset.root=<dir> holding train/<class>/* and test/<class>/*")
+    root = Path(str(cfg.root)).expanduser()
+    splits = {s: folder_split(root, s) for s in ("train", "test")}
+    for split, path in splits.items():
+        if path is None:
+            want = "train/" if split == "train" else "test/ or val/"
+            raise UserError(f"dataset.root={cfg.root} has no {want} (a folder of class sub-directories each)")
+    classes = {s: sorted(p.name for p in path.iterdir() if p.is_dir()) for s, path in splits.items()}
+    if classes["train"] != classes["test"]:
+        only = sorted(set(classes["train"]) ^ set(classes["test"]))
+        raise UserError(f"dataset.root={cfg.root}: train/ and {splits['test'].name}/ have different classes "
+                        f"(e.g. {only[0]!r})")
+    for split, path in splits.items():
+        empty = next((c for c in classes[split] if not _image_files(path / c)), None)
+        if not classes[split] or empty is not None:
+            where = path / empty if empty is not None else path
+            raise UserError(f"dataset.root={cfg.root}: no images in {where}")
+    given = cfg.get("num_classes")
+    if given is not None and int(given) != len(classes["train"]):
+        raise UserError(f"dataset.num_classes={given} but dataset.root={cfg.root} has {len(classes['train'])} "
+                        f"class folders")
+    if len(cfg.image_size) != 3 or int(cfg.image_size[0]) not in (1, 3):
+        raise UserError(f"dataset.image_size={list(cfg.image_size)} must be [C, H, W] with C = 1 or 3")
+
+
+def _open_image(path: str, mode: str):
+    from PIL import Image
+
+    with open(path, "rb") as f:
+        return Image.open(f).convert(mode)
+
+
+@register_dataset("folder")
+def folder(cfg, split: str, augment: bool) -> Dataset:
+    """An ImageFolder under <root>/train or <root>/test (val/): classes sorted by name; every image
+    resized (shorter side) and centre-cropped to the native size [C, H, W], in [0,1], before any noise."""
+    import functools
+
+    from torchvision.datasets import ImageFolder
+    from torchvision.transforms import v2
+
+    check_folder(cfg)
+    c, h, w = (int(v) for v in cfg.image_size)
+    steps = [v2.ToImage(), v2.Resize(min(h, w)), v2.CenterCrop((h, w)), v2.ToDtype(torch.float32, scale=True)]
+    extra = train_transform(cfg) if augment else None
+    if extra is not None:
+        steps.append(extra)
+    loader = functools.partial(_open_image, mode="L" if c == 1 else "RGB")
+    return ImageFolder(str(folder_split(Path(str(cfg.root)).expanduser(), split)), transform=v2.Compose(steps),
+                       loader=loader)

@@ -46,6 +46,16 @@ REFUSED = [
     (["demo", "sigma=0"], "sigma=0 must be > 0"),
     (["demo", "base_epochs=0"], "base_epochs=0"),
     (["demo", "certify.n=0"], "certify.n=0"),
+    (["certify", "model=rs", "model.arch=nope", "dataset=digits", "sigma=0.25"], "model.arch=nope is not allowed"),
+    (["certify", "model=rs", "model.checkpoint=/no/such.pth.tar", "dataset=digits", "sigma=0.25"],
+     "model.checkpoint=/no/such.pth.tar: file not found"),
+    (["train", "model=python", "model.factory=no_such_mod_xyz:build", "model.input_size=8", "model.normalize=false",
+      "dataset=digits"], "cannot import no_such_mod_xyz"),
+    (["train", "model=python", "model.factory=nocolon", "model.input_size=8", "dataset=digits"], "<module>:<function>"),
+    (["train", "model=torchvision", "model.name=no_such_tv", "dataset=digits"], "not a torchvision model"),
+    (["train", "model=hf", "model.name=./no/such/dir", "dataset=digits"], "no config.json there"),
+    (["train", *TINY, "dataset=folder", "dataset.root=/no/such/folder"], "has no train/"),
+    (["certify", *TINY, "dataset=folder", "sigma=0.25"], "dataset=folder needs dataset.root"),
 ]
 
 

@@ -1,4 +1,4 @@
-"""Where the peft tuners go on each timm model family: `target_modules: auto`, resolved at apply time.
+"""Where the peft tuners go on each model family: `target_modules: auto`, resolved at apply time.
 
 A family rule names, by full-match regexes over the backbone's module names, the layers the
 weight-update tuners adapt (LoRA, LoHa, LoKr, OFT, BOFT, VeRA) and IA3's targets and feed-forward
@@ -11,7 +11,13 @@ modules (IA3 scales a feed-forward module's input, any other target's output):
       feed-forward (a BatchNorm follows each conv and would undo a per-channel scaling of its output).
   convnext: every block's mlp.fc1, mlp.fc2 (not the depthwise conv_dw, the stem, the downsampling
       convs, the head); IA3: both, fc2 feed-forward.
-  generic (any other timm model): every nn.Linear and nn.Conv2d of the body, that is outside the stem
+  transformers ViT / DeiT / BEiT / Swin: every layer's attention q/k/v/o_proj, mlp.fc1, mlp.fc2; IA3:
+      k_proj, v_proj and fc2, fc2 feed-forward. transformers ConvNeXt: every layer's pwconv1, pwconv2.
+      transformers ResNet: every layer's convolutions (not the embedder, the shortcut, the classifier).
+  torchvision: ResNet as timm's; ViT the blocks' MLP linears (mlp.0, mlp.3: the attention is one
+      nn.MultiheadAttention); ConvNeXt every block's two linears (block.3, block.5); EfficientNet and
+      the rest the generic rule. The published RS networks (model=rs) as timm's ResNet.
+  generic (any other model): every nn.Linear and nn.Conv2d of the body, that is outside the stem
       (around `pretrained_cfg["first_conv"]`) and the head (around `pretrained_cfg["classifier"]`);
       IA3: all of them, feed-forward.
 
@@ -34,7 +40,7 @@ import torch.nn as nn
 from peftsmooth.errors import UserError
 
 AUTO = "auto"
-ANY_MODEL = "lora, loha, lokr, ia3, boft, linear or full"  # the methods that adapt any timm model
+ANY_MODEL = "lora, loha, lokr, ia3, boft, linear or full"  # the methods that adapt any model
 BOTH = (nn.Linear, nn.Conv2d)
 # peft config class -> the layer types its tuner wraps (of those a vision backbone has)
 TUNER_LAYERS = {"LoraConfig": BOTH, "LoHaConfig": BOTH, "LoKrConfig": BOTH, "IA3Config": BOTH,
@@ -60,18 +66,43 @@ RESNET = Rule("resnet", r"layer\d+\.\d+\.conv\d", r"layer\d+\.\d+\.conv\d", r"la
               "layerN.M.convK")
 CONVNEXT = Rule("convnext", r"stages\.\d+\.blocks\.\d+\.mlp\.fc[12]", r"stages\.\d+\.blocks\.\d+\.mlp\.fc[12]",
                 r"stages\.\d+\.blocks\.\d+\.mlp\.fc2", "stages.N.blocks.M.mlp.fc1|fc2")
+# transformers 5 (ViT, DeiT, BEiT: <model>.layers.N.; Swin: <model>.encoder.layers.N.blocks.M.)
+_HF_BLOCK = r"\w+\.(encoder\.)?layers\.\d+\.(blocks\.\d+\.)?"
+HF_TRANSFORMER = Rule("transformers ViT/DeiT/BEiT/Swin", _HF_BLOCK + r"(attention\.[qkvo]_proj|mlp\.fc[12])",
+                      _HF_BLOCK + r"(attention\.[kv]_proj|mlp\.fc2)", _HF_BLOCK + r"mlp\.fc2",
+                      "layers.N.attention.q|k|v|o_proj, layers.N.mlp.fc1|fc2")
+_HF_STAGE = r"\w+\.encoder\.stages\.\d+\.layers\.\d+\."
+HF_CONVNEXT = Rule("transformers ConvNeXt", _HF_STAGE + r"pwconv[12]", _HF_STAGE + r"pwconv[12]", _HF_STAGE + r"pwconv2",
+                   "stages.N.layers.M.pwconv1|pwconv2")
+HF_RESNET = Rule("transformers ResNet", _HF_STAGE + r"layer\.\d+\.convolution", _HF_STAGE + r"layer\.\d+\.convolution",
+                 _HF_STAGE + r"layer\.\d+\.convolution", "stages.N.layers.M.layer.K.convolution")
+# torchvision (ResNet's names are timm's: the RESNET rule)
+_TV_MLP = r"encoder\.layers\.encoder_layer_\d+\.mlp\."
+TV_VIT = Rule("torchvision ViT", _TV_MLP + r"[03]", _TV_MLP + r"[03]", _TV_MLP + r"3",
+              "encoder_layer_N.mlp.0|3 (the MLP: the attention is one nn.MultiheadAttention)")
+_TV_BLOCK = r"features\.\d+\.\d+\.block\."
+TV_CONVNEXT = Rule("torchvision ConvNeXt", _TV_BLOCK + r"[35]", _TV_BLOCK + r"[35]", _TV_BLOCK + r"5",
+                   "features.N.M.block.3|5")
 GENERIC = Rule("generic")
-# timm module (timm.models.<name>) of the backbone's class or a base class -> its rule
-FAMILIES = {"vision_transformer": TRANSFORMER, "deit": TRANSFORMER, "beit": TRANSFORMER,
-            "swin_transformer": TRANSFORMER, "resnet": RESNET, "convnext": CONVNEXT}
+# (library, module) of the backbone's class or a base class -> its rule: timm.models.<module>,
+# transformers.models.<model>.modeling_<model>, torchvision.models.<module>, and the published RS
+# networks (peftsmooth.models.rs: conv1 / layerN.M.convK / fc, as in timm's ResNet).
+FAMILIES = {("timm", "vision_transformer"): TRANSFORMER, ("timm", "deit"): TRANSFORMER, ("timm", "beit"): TRANSFORMER,
+            ("timm", "swin_transformer"): TRANSFORMER, ("timm", "resnet"): RESNET, ("timm", "convnext"): CONVNEXT,
+            ("transformers", "modeling_vit"): HF_TRANSFORMER, ("transformers", "modeling_deit"): HF_TRANSFORMER,
+            ("transformers", "modeling_beit"): HF_TRANSFORMER, ("transformers", "modeling_swin"): HF_TRANSFORMER,
+            ("transformers", "modeling_convnext"): HF_CONVNEXT, ("transformers", "modeling_resnet"): HF_RESNET,
+            ("torchvision", "resnet"): RESNET, ("torchvision", "vision_transformer"): TV_VIT,
+            ("torchvision", "convnext"): TV_CONVNEXT, ("peftsmooth", "rs"): RESNET}
 
 
 def family(backbone: nn.Module) -> Rule:
-    """The rule of the backbone's timm family (along its class hierarchy), else the generic rule."""
+    """The rule of the backbone's family (along its class hierarchy), else the generic rule."""
     for cls in type(backbone).__mro__:
         module = cls.__module__
-        if module.startswith("timm.models.") and module.rsplit(".", 1)[-1] in FAMILIES:
-            return FAMILIES[module.rsplit(".", 1)[-1]]
+        key = (module.split(".", 1)[0], module.rsplit(".", 1)[-1])
+        if key in FAMILIES:
+            return FAMILIES[key]
     return GENERIC
 
 

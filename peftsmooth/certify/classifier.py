@@ -17,7 +17,7 @@ from peftsmooth.runtime import freeze
 def load_classifier(cfg) -> tuple[nn.Module, dict]:
     """The model to certify and where it came from (`source`: run, method, model_name, parameter
     counts, sigma_train, num_classes, and `dataset_cfg`, the dataset to certify on)."""
-    from peftsmooth.models import build_classifier, count_parameters
+    from peftsmooth.models import build_classifier, count_parameters, model_label
     from peftsmooth.runs import load_run
 
     if cfg.get("run"):
@@ -35,7 +35,7 @@ def load_classifier(cfg) -> tuple[nn.Module, dict]:
     else:
         dataset = cfg.dataset
         model = freeze(build_classifier(cfg.model, int(dataset.num_classes), list(dataset.image_size)).eval())
-        source = {"run": None, "method": "none", "model_name": hydra_choice("model"), "trainable_params": 0,
+        source = {"run": None, "method": "none", "model_name": model_label(cfg.model, hydra_choice("model")), "trainable_params": 0,
                   "sigma_train": None, "num_classes": int(dataset.num_classes)}
     source["total_params"] = count_parameters(model)[1]
     source["dataset_cfg"] = dataset

@@ -48,6 +48,7 @@ def _base_info(cfg) -> RunInfo | None:
 def _classifier(cfg, base: RunInfo | None, run):
     """The frozen classifier and the run.json fields that rebuild it: the base run's classifier
     (`load_run`), or the off-the-shelf `model=...` (a random init is kept by the run, as train does)."""
+    from peftsmooth.models import model_label
     from peftsmooth.runtime import freeze
 
     if base is not None:
@@ -59,7 +60,7 @@ def _classifier(cfg, base: RunInfo | None, run):
         return classifier, fields
     model_cfg = OmegaConf.create(to_plain(cfg.model))
     classifier = freeze(run.build_classifier(model_cfg, cfg.dataset))
-    fields = {"model": model_cfg, "model_name": hydra_choice("model", str(cfg.model.name)), "adapt": None,
+    fields = {"model": model_cfg, "model_name": model_label(cfg.model, hydra_choice("model")), "adapt": None,
               "input_size": classifier.input_size, "dataset": cfg.dataset}
     return classifier.eval(), fields
 

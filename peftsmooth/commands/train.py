@@ -25,10 +25,12 @@ def resolve_model(cfg):
     from omegaconf import OmegaConf
 
     from peftsmooth.adapt.baselines import MODEL_FILE
+    from peftsmooth.models import model_label
     from peftsmooth.runs import read_run_info
 
     if not cfg.get("base"):
-        return OmegaConf.create(OmegaConf.to_container(cfg.model, resolve=True)), hydra_choice("model", cfg.model.name), None
+        model_cfg = OmegaConf.create(OmegaConf.to_container(cfg.model, resolve=True))
+        return model_cfg, model_label(cfg.model, hydra_choice("model")), None
     base = Path(str(cfg.base)).expanduser().resolve()
     info = read_run_info(base)
     weights = base / MODEL_FILE

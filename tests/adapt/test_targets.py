@@ -1,8 +1,9 @@
 """PEFT targets per model family (peftsmooth.adapt.targets) and the methods' training defaults.
 
 The matrix: every conf/peft/*.yaml method (but the black-box ones, tested in test_blackbox) on the
-tiny ViT and on a tiny ResNet: build, apply, one training step, save, reload bit-exact, certify a
-few samples; or, where the method cannot adapt the model, the one-line refusal.
+tiny ViT, a tiny ResNet, the published CIFAR ResNet-20 (model=rs) and a tiny transformers ViT
+(model=hf): build, apply, one training step, save, reload bit-exact, certify a few samples; or,
+where the method cannot adapt the model, the one-line refusal.
 """
 
 from __future__ import annotations
@@ -30,11 +31,31 @@ METHODS = [m for m in group_choices("peft") if not m.startswith("blackbox")]
 # gradients from random init (timm zero-initialises the last BatchNorm of every block)
 RESNET_MODEL = ["model=resnet_tiny", "model.input_size=16", "+model.kwargs.channels=[16,32,64,128]",
                 "+model.kwargs.stem_width=8", "+model.kwargs.zero_init_last=false"]
-MODELS = {"vit": TINY_MODEL, "resnet": RESNET_MODEL}
-# what cannot adapt resnet10t: no token sequence / transformer blocks, no nn.Linear in the body (VeRA),
-# only 3x3 block convs (peft's OFT is exact on nn.Linear and 1x1 convs only)
-REFUSED = {("prompt", "resnet"), ("prompt_deep", "resnet"), ("adapter", "resnet"), ("vera", "resnet"),
-           ("oft", "resnet")}
+
+
+@functools.lru_cache(maxsize=1)
+def tiny_hf_vit() -> str:
+    """A tiny transformers ViT (and its image processor) written by save_pretrained, once per process."""
+    import tempfile
+
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    d = tempfile.mkdtemp(prefix="peftsmooth-hf-")
+    torch.manual_seed(0)
+    ViTForImageClassification(ViTConfig(image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=2,
+                                        num_attention_heads=2, intermediate_size=64)).save_pretrained(d)
+    ViTImageProcessor(size={"height": 16, "width": 16}).save_pretrained(d)
+    return d
+
+
+MODELS = {"vit": lambda: TINY_MODEL, "resnet": lambda: RESNET_MODEL,
+          "rs": lambda: ["model=rs", "model.arch=cifar_resnet20"],
+          "hf": lambda: ["model=hf", f"model.name={tiny_hf_vit()}"]}
+# what cannot adapt resnet10t (and the published CIFAR ResNet): no token sequence / transformer blocks,
+# no nn.Linear in the body (VeRA), only 3x3 block convs (peft's OFT is exact on nn.Linear and 1x1 convs
+# only); and a transformers ViT: our prompts and bottleneck adapters need a timm ViT
+REFUSED = {(m, f) for f in ("resnet", "rs") for m in ("prompt", "prompt_deep", "adapter", "vera", "oft")} | \
+    {(m, "hf") for m in ("prompt", "prompt_deep", "adapter")}
 
 
 @functools.lru_cache(maxsize=1)
@@ -63,12 +84,12 @@ def _one_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
 @pytest.mark.parametrize("family", MODELS)
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_on_every_model_family(method, family, tmp_path):
-    cfg = compose("train", ["dataset=digits", "device=cpu", *MODELS[family], f"peft={method}"])
+    cfg = compose("train", ["dataset=digits", "device=cpu", *MODELS[family](), f"peft={method}"])
     adapt = build_adaptation(cfg.peft)
     if (method, family) in REFUSED:  # refused upfront on the module tree, and at apply time
         for run in (lambda: adapt.check(module_tree(cfg.model, 10)),
                     lambda: adapt.apply(build_classifier(cfg.model, 10, [1, 8, 8]))):
-            with pytest.raises(UserError, match=f"peft={method} cannot adapt model.name=resnet10t") as err:
+            with pytest.raises(UserError, match=f"peft={method} cannot adapt model.name=") as err:
                 run()
             assert len(str(err.value).splitlines()) == 1
         return
@@ -214,3 +235,46 @@ def test_the_command_line_lr_wins_and_is_what_run_json_and_resume_record():
     assert RunInfo.from_fields(train=cfg.train)["train"]["lr"] == _method_train("ia3")["lr"]
     fingerprint = resume_fingerprint(cfg)
     assert fingerprint["train"]["lr"] == _method_train("ia3")["lr"] and fingerprint["train"]["weight_decay"] == 0.0
+
+
+@pytest.mark.parametrize("cfg, rule, count", [
+    ({"source": "torchvision", "name": "resnet50"}, "resnet", 48),
+    ({"source": "torchvision", "name": "vit_b_16"}, "torchvision ViT", 24),
+    ({"source": "torchvision", "name": "convnext_tiny"}, "torchvision ConvNeXt", 36),
+    ({"source": "rs", "arch": "cifar_resnet110"}, "resnet", 108),
+])
+def test_family_rules_of_the_other_sources(cfg, rule, count):
+    tree = module_tree(OmegaConf.create(cfg), 10)
+    resolved, names = _names(tree, "LoraConfig")
+    assert resolved.rule.name == rule and len(names["target_modules"]) == count
+    head = tree.backbone.pretrained_cfg["classifier"]
+    assert not any(n.startswith(head) or "downsample" in n for n in names["target_modules"])
+
+
+def test_generic_rule_on_a_torchvision_efficientnet_leaves_the_depthwise_convs_out():
+    tree = module_tree(OmegaConf.create({"source": "torchvision", "name": "efficientnet_b0"}), 10)
+    resolved, names = _names(tree, "LoraConfig")
+    assert resolved.rule is targets.GENERIC and names["target_modules"]
+    assert any("grouped" in why for why in resolved.skipped.values())
+    assert not any(n.startswith(("features.0.", "classifier")) for n in names["target_modules"])
+
+
+@pytest.mark.parametrize("config_cls, model_cls, kwargs, rule, count", [
+    ("ViTConfig", "ViTForImageClassification", {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+                                                "intermediate_size": 64}, "transformers ViT/DeiT/BEiT/Swin", 12),
+    ("SwinConfig", "SwinForImageClassification", {"embed_dim": 16, "depths": [1, 1], "num_heads": [1, 2]},
+     "transformers ViT/DeiT/BEiT/Swin", 12),
+    ("ConvNextConfig", "ConvNextForImageClassification", {"hidden_sizes": [8, 16, 16, 16], "depths": [1, 1, 1, 1]},
+     "transformers ConvNeXt", 8),
+    ("ResNetConfig", "ResNetForImageClassification", {"hidden_sizes": [8, 16, 16, 16], "depths": [1, 1, 1, 1],
+                                                      "embedding_size": 8}, "transformers ResNet", 12),
+])
+def test_family_rules_of_transformers_models(tmp_path, config_cls, model_cls, kwargs, rule, count):
+    import transformers
+
+    getattr(transformers, config_cls)(**kwargs).save_pretrained(tmp_path)
+    tree = module_tree(OmegaConf.create({"source": "hf", "name": str(tmp_path), "pretrained": False}), 10)
+    assert type(tree.backbone).__name__ == model_cls
+    resolved, names = _names(tree, "LoraConfig")
+    assert resolved.rule.name == rule and len(names["target_modules"]) == count
+    assert not any(n.startswith("classifier") or "embed" in n or "shortcut" in n for n in names["target_modules"])

@@ -1,0 +1,88 @@
+"""`model=python model.factory=<module>:<function>`: the user's own nn.Module.
+
+The function receives `num_classes` and returns an nn.Module on preprocessed images (logits out).
+`<module>` is a dotted module name importable from the working directory or the Python path, or a
+`.py` file. Preprocessing: `model.mean`, `model.std` and `model.input_size`, or `model.normalize=false`
+when the module normalizes itself (it then receives [0,1] images resized to `model.input_size`). The
+head, for the adaptation methods, is the module's last nn.Linear.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+from pathlib import Path
+from typing import Callable
+
+import torch.nn as nn
+
+from peftsmooth.errors import UserError
+from peftsmooth.models.base import IMAGENET_MEAN, IMAGENET_STD, Preprocess, Source, check_files, describe, square
+
+
+def factory(spec: str) -> Callable[[int], nn.Module]:
+    """The function named by `<module>:<function>` (a UserError when it cannot be imported)."""
+    module_name, sep, function = str(spec).partition(":")
+    if not sep or not module_name or not function:
+        raise UserError(f"model.factory={spec} must read <module>:<function> (e.g. mynets:build)")
+    try:
+        if module_name.endswith(".py"):
+            path = Path(module_name).expanduser().resolve()
+            spec_ = importlib.util.spec_from_file_location(f"peftsmooth_user_{path.stem}", path)
+            if spec_ is None or not path.is_file():
+                raise ImportError(f"no file {path}")
+            module = importlib.util.module_from_spec(spec_)
+            spec_.loader.exec_module(module)
+        else:
+            if "" not in sys.path and str(Path.cwd()) not in sys.path:
+                sys.path.insert(0, str(Path.cwd()))
+            module = importlib.import_module(module_name)
+    except Exception as err:  # noqa: BLE001 - any failure to import the user's module is theirs to fix
+        raise UserError(f"model.factory={spec}: cannot import {module_name} ({type(err).__name__}: {err})") from None
+    fn = getattr(module, function, None)
+    if not callable(fn):
+        raise UserError(f"model.factory={spec}: {module_name} has no function {function}")
+    return fn
+
+
+class PythonSource(Source):
+    name = "python"
+
+    def check(self, model_cfg) -> None:
+        check_files(model_cfg)
+        factory(model_cfg.get("factory"))
+        if model_cfg.get("normalize", True):
+            for key in ("mean", "std"):
+                values = model_cfg.get(key)
+                if values is None or len(values) not in (1, 3) or not all(isinstance(v, (int, float)) for v in values):
+                    raise UserError(f"model.{key}={values} must be 1 or 3 numbers (or model.normalize=false when "
+                                    f"the module normalizes itself)")
+            if any(float(s) <= 0 for s in model_cfg.std):
+                raise UserError(f"model.std={list(model_cfg.std)} must be > 0")
+        size = model_cfg.get("input_size")
+        if not (isinstance(size, int) and size >= 1):
+            raise UserError(f"model.input_size={size} must be an integer >= 1 (the module's input side)")
+
+    def create(self, model_cfg, num_classes: int, weights: bool = True) -> nn.Module:
+        spec = str(model_cfg.factory)
+        try:
+            module = factory(spec)(num_classes)
+        except UserError:
+            raise
+        except Exception as err:  # noqa: BLE001 - the user's function failed
+            raise UserError(f"model.factory={spec} failed ({type(err).__name__}: {err})") from None
+        if not isinstance(module, nn.Module):
+            raise UserError(f"model.factory={spec} returned a {type(module).__name__}, not an nn.Module")
+        describe(module, spec, None)
+        return module
+
+    def preprocess(self, backbone: nn.Module, model_cfg) -> Preprocess:
+        size = square(model_cfg.input_size)
+        if not model_cfg.get("normalize", True):
+            return Preprocess(size, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+        mean, std = tuple(model_cfg.get("mean") or IMAGENET_MEAN), tuple(model_cfg.get("std") or IMAGENET_STD)
+        return Preprocess(size, mean, std, int(model_cfg.get("in_chans") or 3))
+
+    def label(self, model_cfg) -> str:
+        return str(model_cfg.get("factory")).rpartition(":")[2]
