@@ -75,14 +75,26 @@ def test_build_tiny_vit_and_head_name():
     assert torch.allclose(clf.mean.flatten(), torch.tensor([0.5, 0.5, 0.5]))
 
 
-def test_every_model_config_names_a_timm_model():
+def test_every_model_config_names_a_model_of_its_source():
+    """timm configs name timm models; rs an architecture of the published checkpoints; torchvision a
+    torchvision model (hf names a hub id, python a factory the user gives)."""
     import timm
 
     from peftsmooth.config import group_choices
+    from peftsmooth.models import SOURCES
+    from peftsmooth.models.rs import ARCHS
 
+    seen = set()
     for choice in group_choices("model"):
         cfg = compose("train", [f"model={choice}", "peft=none"]).model
-        assert timm.is_model(cfg.name.split(".")[0]), choice
+        seen.add(cfg.source)
+        if cfg.source == "timm":
+            assert timm.is_model(cfg.name.split(".")[0]), choice
+        elif cfg.source == "rs":
+            assert cfg.arch in ARCHS
+        elif cfg.source == "torchvision":
+            SOURCES["torchvision"].check(cfg)
+    assert seen == set(SOURCES)
 
 
 def test_local_weights_file_via_pretrained_cfg_overlay(tmp_path):

@@ -49,7 +49,7 @@ class HFSource(Source):
 
         name = str(model_cfg.name)
         pretrained = weights and bool(model_cfg.get("pretrained", True)) and not model_cfg.get("checkpoint")
-        labels = {"num_labels": num_classes, "id2label": {i: str(i) for i in range(num_classes)},
+        labels = {"id2label": {i: str(i) for i in range(num_classes)},
                   "label2id": {str(i): i for i in range(num_classes)}}
         with self._hub(name) as offline:
             try:

@@ -277,3 +277,32 @@ def test_every_source_trains_and_certifies(tmp_path, source, method, tiny_hf, us
     assert model(torch.rand(2, 1, 8, 8)).shape == (2, 10)
     cert = run_certify(compose("certify", [f"run={run_dir}", *CERTIFY], run_dir=tmp_path / "cert"))
     assert cert["num_images"] == 2 and cert["model_name"] == info.model_name and not math.isnan(cert["acr"])
+
+
+def test_combine_quantize_and_report_work_on_runs_of_other_sources(tmp_path, tiny_hf, user_module):
+    """Two LoRA runs of one transformers ViT (model=hf) combined, a LoRA run of the published
+    architecture (model=rs) quantized; both certified and reported like timm runs, the report's model
+    column naming the source."""
+    from peftsmooth.commands.certify import run_certify
+    from peftsmooth.commands.combine import run_combine
+    from peftsmooth.commands.quantize import run_quantize
+    from peftsmooth.commands.train import run_train
+    from peftsmooth.report.table import build_report
+
+    hf = source_overrides("hf", tiny_hf, user_module)
+    runs = [tmp_path / "hf0", tmp_path / "hf1"]
+    for seed, run in enumerate(runs):
+        run_train(compose("train", [*TRAIN, *hf, "peft=lora", f"seed={seed}"], run_dir=run))
+    run_train(compose("train", [*TRAIN, "model=rs", "model.arch=cifar_resnet20", "peft=lora"], run_dir=tmp_path / "rs"))
+    run_combine(compose("combine", [f"runs=[{runs[0]},{runs[1]}]", "combination=linear", f"out={tmp_path / 'mix'}"],
+                        run_dir=tmp_path / "job1"))
+    run_quantize(compose("quantize", [f"run={tmp_path / 'rs'}", "bits=4", f"out={tmp_path / 'q4'}"],
+                         run_dir=tmp_path / "job2"))
+    names = {}
+    for run in (tmp_path / "mix", tmp_path / "q4"):
+        cert = run_certify(compose("certify", [f"run={run}", *CERTIFY], run_dir=run / "certify" / "c"))
+        names[run.name] = cert["model_name"]
+        assert cert["num_images"] == 2
+    assert names == {"mix": "hf:tiny-vit", "q4": "rs:cifar_resnet20"}
+    rows = build_report([tmp_path]).rows
+    assert {row["model"] for row in rows} == {"hf:tiny-vit", "rs:cifar_resnet20"} and len(rows) == 5
