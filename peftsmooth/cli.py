@@ -27,6 +27,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("peftsmooth.commands.demo", "embedded end-to-end demo on scikit-learn digits (CPU, no download)"),
 }
 
+# command -> its page of the documentation site (docs/<page>.md; mkdocs.yml)
+DOCS_PAGES = {"train": "training", "certify": "certification", "denoise-baseline": "baselines", "report": "cluster",
+              "merge": "cluster", "import": "reproducing", "quantize": "library", "combine": "library",
+              "demo": "getting-started"}
+
 # Commands whose bare (non key=value) arguments are collected into a list-valued key.
 POSITIONAL_KEY = {"report": "dirs", "merge": "dirs", "import": "files", "combine": "runs"}
 # Keys a command takes under the name of a config group it does not use (Hydra would read `model=`
@@ -46,6 +51,13 @@ def usage() -> str:
     lines += [f"  {name:<{width}}  {desc}" for name, (_, desc) in COMMANDS.items()]
     lines += ["", "`peftsmooth COMMAND --help` shows the command's config groups and options."]
     return "\n".join(lines)
+
+
+def command_help(command: str) -> str:
+    """What `peftsmooth COMMAND --help` prints above Hydra's groups and options."""
+    page = DOCS_PAGES[command]
+    return (f"peftsmooth {command}: {COMMANDS[command][1]}\n"
+            f"Documentation: docs/{page}.md (the site: `mkdocs serve`, then http://127.0.0.1:8000/{page}/)\n")
 
 
 def _rewrite_aliases(command: str, args: list[str]) -> list[str]:
@@ -95,6 +107,8 @@ def main(argv: list[str] | None = None) -> None:
     if command not in COMMANDS:
         die("", f"unknown command {command!r} (choose from: {', '.join(COMMANDS)})")
     rest = _rewrite_aliases(command, _rewrite_positionals(command, rest))
+    if "--help" in rest or "-h" in rest:
+        print(command_help(command))
     from peftsmooth.precheck import validate_cli_args
 
     try:

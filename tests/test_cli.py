@@ -44,6 +44,19 @@ def test_train_help_shows_config_groups(tmp_path):
         assert f"{group}:" in out.stdout
 
 
+def test_command_help_shows_its_purpose_and_documentation_page_above_hydras(tmp_path):
+    out = peftsmooth("certify", "--help", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    first = out.stdout.splitlines()[:2]
+    assert first[0] == "peftsmooth certify: certify a classifier by randomized smoothing (Cohen et al. 2019)"
+    assert first[1].startswith("Documentation: docs/certification.md")
+    assert out.stdout.index("Documentation:") < out.stdout.index("certify:")  # above Hydra's groups
+    from peftsmooth.cli import COMMANDS, DOCS_PAGES
+
+    docs = Path(__file__).resolve().parents[1] / "docs"
+    assert set(DOCS_PAGES) == set(COMMANDS) and all((docs / f"{p}.md").is_file() for p in DOCS_PAGES.values())
+
+
 def test_cfg_job_prints_composed_config_from_any_directory(tmp_path):
     out = peftsmooth("train", "--cfg", "job", "model=vit", "sigma=0.5", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
