@@ -77,7 +77,7 @@ def _rewrite_positionals(command: str, args: list[str]) -> list[str]:
         return args
     flags_with_value = {"--cfg", "-c", "--package", "-p", "--info", "-i", "--config-path", "-cp",
                         "--config-name", "-cn", "--config-dir", "-cd", "--experimental-rerun"}
-    out, bare, skip = [], [], False
+    out, bare, skip, at = [], [], False, None
     for arg in args:
         if skip:
             out.append(arg)
@@ -88,10 +88,11 @@ def _rewrite_positionals(command: str, args: list[str]) -> list[str]:
         elif "=" in arg:
             out.append(arg)
         else:
+            at = len(out) if at is None else at
             bare.append(arg)
-    if bare:
+    if bare:  # where the first bare argument stood, among the overrides (argparse wants them together)
         quoted = ",".join("'" + a.replace("\\", "\\\\").replace("'", "\\'") + "'" for a in bare)
-        out.append(f"{key}=[{quoted}]")
+        out.insert(at, f"{key}=[{quoted}]")
     return out
 
 

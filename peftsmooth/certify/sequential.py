@@ -220,7 +220,7 @@ def certify_sequential(draw: Callable[[int], int], n_max: int, alpha: float, sig
     :param n_max: the most estimation samples (the last look)
     :param alpha: failure probability of the certificate (time-uniform over the looks)
     :param sigma: noise level of the smoothed classifier
-    :param stop, radii, max_radius_loss: the stopping rule (see `stop_rule`)
+    :param stop: the stopping rule, with `radii` or `max_radius_loss` (see `stop_rule`)
     :param plan: the looks and alpha split (default `look_plan(n_max, alpha, stop=...)`); a given plan must
         end at n_max and spend at most alpha in all (`check_plan`)
     """
