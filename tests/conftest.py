@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 import pytest
@@ -73,3 +74,19 @@ def kill_after_epoch(epoch: int, train, *args, **kwargs) -> None:
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def hydra_logging():
+    """A Hydra job run in-process configures the root logger: put it back as it was afterwards."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for handler in list(root.handlers):
+        if handler not in handlers:
+            root.removeHandler(handler)
+            handler.close()
+    for handler in handlers:
+        if handler not in root.handlers:
+            root.addHandler(handler)
+    root.setLevel(level)

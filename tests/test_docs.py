@@ -53,16 +53,8 @@ def anchors(page: Path) -> set[str]:
 
 
 def links(page: Path) -> list[str]:
-    text = page.read_text()
-    inline_code_free = []
-    in_code = False
-    for line in text.splitlines():
-        if FENCE.match(line.strip()):
-            in_code = not in_code
-            continue
-        if not in_code:
-            inline_code_free.append(re.sub(r"`[^`]*`", "``", line))
-    return LINK.findall("\n".join(inline_code_free))
+    """The link targets of the page's prose (links inside code are examples, not links)."""
+    return LINK.findall(prose(page.read_text()))
 
 
 def test_anchor_ids_are_mkdocs_ones():
@@ -107,20 +99,6 @@ COMMANDS = [(page.name, c) for page in PAGES for c in bash_commands(page)]
 
 def test_the_docs_have_commands_to_check():
     assert len(COMMANDS) > 40 and any(" certify " in c for _, c in COMMANDS)
-
-
-@pytest.fixture
-def hydra_logging():
-    import logging
-
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    for handler in list(root.handlers):
-        if handler not in handlers:
-            root.removeHandler(handler)
-            handler.close()
-    root.setLevel(level)
 
 
 @pytest.mark.parametrize("page, command", COMMANDS, ids=[f"{p}: {c[:80]}" for p, c in COMMANDS])

@@ -3,7 +3,6 @@ line on stderr, no traceback, and nothing left behind (no outputs/, no data/, no
 
 from __future__ import annotations
 
-import logging
 import sys
 import time
 from pathlib import Path
@@ -57,22 +56,6 @@ REFUSED = [
     (["train", *TINY, "dataset=folder", "dataset.root=/no/such/folder"], "has no train/"),
     (["certify", *TINY, "dataset=folder", "sigma=0.25"], "dataset=folder needs dataset.root"),
 ]
-
-
-@pytest.fixture
-def hydra_logging():
-    """A Hydra job run in-process configures the root logger: put it back as it was afterwards."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    for handler in list(root.handlers):
-        if handler not in handlers:
-            root.removeHandler(handler)
-            handler.close()
-    for handler in handlers:
-        if handler not in root.handlers:
-            root.addHandler(handler)
-    root.setLevel(level)
 
 
 def refused(argv: list[str], cwd: Path, capsys) -> str:

@@ -13,7 +13,6 @@ import torch
 from conftest import TINY, compose
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
-from test_refusals import hydra_logging  # noqa: F401 - the fixture
 
 from peftsmooth import cli
 from peftsmooth.adapt.peft_tuners import merge_exact

@@ -306,3 +306,25 @@ def test_combine_quantize_and_report_work_on_runs_of_other_sources(tmp_path, tin
     assert names == {"mix": "hf:tiny-vit", "q4": "rs:cifar_resnet20"}
     rows = build_report([tmp_path]).rows
     assert {row["model"] for row in rows} == {"hf:tiny-vit", "rs:cifar_resnet20"} and len(rows) == 5
+
+
+def test_lora_on_a_published_checkpoint_then_certify(tmp_path):
+    """LoRA on a published-format ResNet-20 (their file, read as it is): run.json keeps the checkpoint's
+    path, so load_run and certify rebuild the same classifier."""
+    from peftsmooth.commands.certify import run_certify
+    from peftsmooth.commands.train import run_train
+    from peftsmooth.runs import load_run, read_run_info
+
+    torch.manual_seed(0)
+    net = TheirResNet(20)
+    randomize_bn(net)
+    save_published(tmp_path / "checkpoint.pth.tar", "cifar_resnet20", net, CIFAR10_MEAN, CIFAR10_STD)
+    run_dir = tmp_path / "run"
+    run_train(compose("train", [*TRAIN, "model=rs", "model.arch=cifar_resnet20", "peft=lora",
+                                f"model.checkpoint={tmp_path / 'checkpoint.pth.tar'}"], run_dir=run_dir))
+    info = read_run_info(run_dir)
+    assert info.model["checkpoint"] == str(tmp_path / "checkpoint.pth.tar") and "init.safetensors" not in info.files
+    model, _ = load_run(run_dir)
+    assert torch.equal(model.base_model.model.backbone.conv1.weight, net.conv1.weight)  # the stem is not adapted
+    cert = run_certify(compose("certify", [f"run={run_dir}", *CERTIFY], run_dir=tmp_path / "cert"))
+    assert cert["model_name"] == "rs:cifar_resnet20" and cert["num_images"] == 2
