@@ -45,7 +45,7 @@ With probability at least 1 - alpha over the estimation noise, pA >= lower_j at 
 chosen by whatever rule, so pA >= lower_J with probability >= 1 - alpha: the reported radius is a true
 certificate of g with the failure probability of fixed-n CERTIFY (validity rules 2 and 6 in
 docs/architecture.md). Re-checking a fixed-n bound at level alpha after every batch is not valid: it
-certifies too often (tests/test_sequential.py shows it). The selection samples are never counted.
+certifies too often (tests/certify/test_sequential.py shows it). The selection samples are never counted.
 
 Cost against fixed-n CERTIFY at n = n_max: an image that runs to n_max is bounded at alpha / 2 instead
 of alpha (a slightly smaller largest radius, above), and an image stopped early reports the radius of
@@ -53,8 +53,12 @@ its stopping look. stop="radii" keeps every decision at the radii asked for, so 
 there matches fixed n, while ACR drops (radii beyond the largest decided one are not pursued);
 stop="radius" bounds the radius each image may lose.
 
-`certify_sequential(draw, ...)` is the pure procedure (draw(m) returns the hits among m fresh samples);
-`smooth_certify_sequential(g, x, ...)` runs it on a `Smooth` classifier with its noise streams.
+`certify_sequential(draw, ...)` is the pure procedure (draw(m) returns the hits among m fresh samples),
+`plan_steps` the same procedure as a generator (it yields the samples each look needs and is sent
+their hits), `sequential_job` one image's selection and looks as a job of the pool of images in
+flight (peftsmooth.certify.pool), and `smooth_certify_sequential(g, x, ...)` runs one image alone on a
+`Smooth` classifier. The decisions depend on the counts at the looks only, never on how the samples
+were batched.
 """
 
 from __future__ import annotations
