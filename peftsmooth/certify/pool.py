@@ -7,8 +7,9 @@ CERTIFY yields the selection samples, then one request per look (the increments 
 
 `run_pool` keeps images in flight and fills every forward pass of `batch_size` rows from their pending
 requests, oldest image first, admitting the next image (its selection samples) whenever the pending
-requests do not fill the batch; an image leaves when its job returns. Every batch but the last is
-full. Each noise stream is read in order and only by its own image, so packing changes which forward
+requests do not fill the batch; an image leaves when its job returns. A batch is partial only when
+every image has joined and those left wait on their own counts (the end of a run, or a run of fewer
+images than fill a batch). Each noise stream is read in order and only by its own image, so packing changes which forward
 pass carries a sample, never which samples an image sees: an image's counts, decision, radius and
 samples are those of certifying it alone, whatever the batch size, the pool size or the order of
 images (validity rule 7; tests/certify/test_pool.py). Jobs finish in completion order.
@@ -146,16 +147,20 @@ def _admit(active: list[_InFlight], source: Iterator, slots: _Slots, max_in_flig
 
 
 def _set_request(image: _InFlight, request: Request) -> None:
-    if not (isinstance(request.m, int) and request.m >= 1):
+    if not (isinstance(request.m, (int, np.integer)) and not isinstance(request.m, bool) and request.m >= 1):
         raise ValueError(f"a job asked for {request.m!r} samples (an integer >= 1)")
-    image.request, image.left = request, request.m
+    image.request, image.left = request, int(request.m)
 
 
 def _count(g, pieces: list[tuple[_InFlight, torch.Tensor]], slots: _Slots, batch_size: int) -> None:
     """One forward pass over the pieces; each piece's votes added to its image's counts on the device."""
     batch = pieces[0][1] if len(pieces) == 1 else torch.cat([p for _, p in pieces])
     labels = g._classify(batch, batch_size)
-    rows = torch.cat([torch.full((len(p),), image.slot, device=labels.device) for image, p in pieces])
+    if len(pieces) == 1:
+        rows = pieces[0][0].slot
+    else:
+        rows = torch.cat([torch.full((len(p),), image.slot, device=labels.device) for image, p in pieces])
+    # scatter_add_, not bincount: CUDA's bincount reads the largest label on the host (a sync per batch)
     index = labels + rows * g.num_classes
     slots.counts.view(-1).scatter_add_(0, index, torch.ones_like(index))
 

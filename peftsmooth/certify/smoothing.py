@@ -42,7 +42,7 @@ from peftsmooth.certify.noise import (  # noqa: F401
     fresh_seed,
     image_seed,
 )
-from peftsmooth.certify.pool import Job, Request, in_order, run_pool
+from peftsmooth.certify.pool import Job, Request, in_order, run_alone, run_pool
 from peftsmooth.certify.sequential import smooth_certify_sequential
 from peftsmooth.certify.stats import ABSTAIN, binomial_pvalue, lower_confidence_bound, radius
 from peftsmooth.runtime import PRECISIONS, evaluating
@@ -219,49 +219,14 @@ class Smooth:
     # --- sampling -----------------------------------------------------------------------------
 
     def _sample_noise(self, x: torch.Tensor, num: int, batch_size: int, seed: int, phase: str) -> np.ndarray:
-        """Class counts of f(x + e) over `num` noise samples of the (seed, phase) stream."""
-        stream = NoiseStream(seed, phase, x.shape, self.sigma, self._device(x))
-        return self._count([(x, stream, num)], batch_size)[0]
+        """Class counts of f(x + e) over `num` noise samples of the (seed, phase) stream: one request run
+        alone by the pool of images in flight (the one sampler; one host synchronization, at its end)."""
+        return run_alone(self, self._counts_job(x, seed, phase, num), batch_size)
 
-    def _count(self, segments: list[tuple[torch.Tensor, NoiseStream, int]], batch_size: int) -> np.ndarray:
-        """Counts (len(segments), num_classes): segment i is `num` samples of f(x_i + stream_i).
-        The one host synchronization of a phase is here."""
-        return self._count_on_device(segments, batch_size).cpu().numpy()
-
-    @torch.no_grad()
-    def _count_on_device(self, segments: list[tuple[torch.Tensor, NoiseStream, int]], batch_size: int) -> torch.Tensor:
-        """The counts as a device tensor; batches are filled across segment boundaries."""
-        with evaluating(self.base_classifier):
-            return self._count_batches(segments, batch_size)
-
-    def _count_batches(self, segments: list[tuple[torch.Tensor, NoiseStream, int]], batch_size: int) -> torch.Tensor:
-        device = self._device(segments[0][0])
-        counts = torch.zeros(len(segments) * self.num_classes, dtype=torch.long, device=device)
-        pieces, filled = [], 0
-        for i, (x, stream, num) in enumerate(segments):
-            x = x.to(device=device, dtype=torch.float32)
-            left = int(num)
-            while left > 0:
-                m = min(left, batch_size - filled)
-                pieces.append((i, x.unsqueeze(0) + stream.take(m)))
-                filled, left = filled + m, left - m
-                if filled == batch_size:
-                    self._count_batch(pieces, counts, batch_size)
-                    pieces, filled = [], 0
-        if pieces:
-            self._count_batch(pieces, counts, batch_size)
-        return counts.view(len(segments), self.num_classes)
-
-    def _count_batch(self, pieces: list[tuple[int, torch.Tensor]], counts: torch.Tensor, batch_size: int) -> None:
-        batch = pieces[0][1] if len(pieces) == 1 else torch.cat([p for _, p in pieces])
-        labels = self._classify(batch, batch_size)
-        if len(pieces) > 1:
-            segment = torch.cat([torch.full((len(p),), i, device=labels.device) for i, p in pieces])
-        else:
-            segment = pieces[0][0]
-        # scatter_add_, not bincount: CUDA's bincount reads the largest label on the host (a sync per batch)
-        index = labels + segment * self.num_classes
-        counts.scatter_add_(0, index, torch.ones_like(index))
+    def _counts_job(self, x: torch.Tensor, seed: int, phase: str, num: int) -> Job:
+        x = self._on_device(x)
+        counts = yield Request(x, self._stream(x, seed, phase), num)
+        return counts
 
     def _classify(self, batch: torch.Tensor, batch_size: int) -> torch.Tensor:
         """argmax f(batch), split into smaller forward passes after an out-of-memory error.
