@@ -158,10 +158,11 @@ def imagenet(cfg, split: str, augment: bool) -> Dataset:
 FOLDER_TEST_SPLITS = ("test", "val")
 
 
-def _image_files(folder: Path) -> list[Path]:
+def _has_image(folder: Path) -> bool:
+    """Whether `folder` holds an image file (stops at the first: a class of a large dataset is not listed)."""
     from torchvision.datasets.folder import IMG_EXTENSIONS
 
-    return [p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS]
+    return any(p.suffix.lower() in IMG_EXTENSIONS and p.is_file() for p in folder.rglob("*"))
 
 
 def folder_split(root: Path, split: str) -> Path | None:
@@ -194,7 +195,7 @@ def check_folder(cfg) -> None:
         raise UserError(f"dataset.root={cfg.root}: train/ and {splits['test'].name}/ have different classes "
                         f"(e.g. {only[0]!r})")
     for split, path in splits.items():
-        empty = next((c for c in classes[split] if not _image_files(path / c)), None)
+        empty = next((c for c in classes[split] if not _has_image(path / c)), None)
         if not classes[split] or empty is not None:
             where = path / empty if empty is not None else path
             raise UserError(f"dataset.root={cfg.root}: no images in {where}")

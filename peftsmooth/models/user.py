@@ -9,6 +9,7 @@ head, for the adaptation methods, is the module's last nn.Linear.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import sys
@@ -21,6 +22,18 @@ from peftsmooth.errors import UserError
 from peftsmooth.models.base import IMAGENET_MEAN, IMAGENET_STD, Preprocess, Source, check_files, describe, square
 
 
+@functools.lru_cache(maxsize=None)
+def _load_file(path: Path):
+    """A module from a .py file, executed once per process (the checks and the build share it, as
+    `import` shares a dotted module)."""
+    spec = importlib.util.spec_from_file_location(f"peftsmooth_user_{path.stem}", path)
+    if spec is None or not path.is_file():
+        raise ImportError(f"no file {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def factory(spec: str) -> Callable[[int], nn.Module]:
     """The function named by `<module>:<function>` (a UserError when it cannot be imported)."""
     module_name, sep, function = str(spec).partition(":")
@@ -28,12 +41,7 @@ def factory(spec: str) -> Callable[[int], nn.Module]:
         raise UserError(f"model.factory={spec} must read <module>:<function> (e.g. mynets:build)")
     try:
         if module_name.endswith(".py"):
-            path = Path(module_name).expanduser().resolve()
-            spec_ = importlib.util.spec_from_file_location(f"peftsmooth_user_{path.stem}", path)
-            if spec_ is None or not path.is_file():
-                raise ImportError(f"no file {path}")
-            module = importlib.util.module_from_spec(spec_)
-            spec_.loader.exec_module(module)
+            module = _load_file(Path(module_name).expanduser().resolve())
         else:
             if "" not in sys.path and str(Path.cwd()) not in sys.path:
                 sys.path.insert(0, str(Path.cwd()))
