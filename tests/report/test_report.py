@@ -17,7 +17,7 @@ import pytest
 from peftsmooth.certify import results
 from peftsmooth.certify.results import certified_accuracy, curve, read_tsv
 from peftsmooth.errors import UserError
-from peftsmooth.report.render import build_report, curves_by_method, envelope, to_csv, to_markdown
+from peftsmooth.report.render import build_report, curve_groups, envelope, to_csv, to_markdown
 
 GRID = [0.25, 0.5, 0.75, 1.0]
 
@@ -97,7 +97,7 @@ def test_started_certification_without_rows(tmp_path):
     run = make_run(tmp_path, "r")
     make_cert(run, run / "certify" / "cohen_sigma0.5_n1000", [], summary=False)
     row, = build_report([tmp_path], GRID).rows
-    assert row["status"] == "partial: 0 images" and row["acr"] is None and row["clean_accuracy"] is None
+    assert row["status"] == "partial: 0 images" and row["acr"] is None and row["smoothed_accuracy"] is None
 
 
 def test_metrics_follow_cohen_analysis():
@@ -151,7 +151,7 @@ def test_report_table_equals_summaries(sweep):
     for row, sigma in zip(lora, [0.25, 0.5, 1.0]):
         summary = json.loads((runs[("lora", sigma)] / "certify" / f"cohen_sigma{sigma}_n1000" / "summary.json").read_text())
         assert row["acr"] == summary["acr"]
-        assert row["clean_accuracy"] == summary["clean_accuracy"]
+        assert row["smoothed_accuracy"] == summary["clean_accuracy"]
         for g in GRID:
             assert row[f"cert@{g:g}"] == summary["certified_accuracy"][f"{g:g}"]
         assert row["trainable_params"] == 1234 and row["cert_time_s"] == summary["elapsed_seconds"]
@@ -180,7 +180,7 @@ def test_report_merges_shards_like_one_run(sweep, tmp_path):
     single = make_cert(None, tmp_path / "single", whole, method="linear")
     ref, = build_report([single], GRID).rows
     assert linear["status"] == "merged 2 shards" and linear["num_images"] == 30
-    for key in ["clean_accuracy", "acr", *[f"cert@{g:g}" for g in GRID]]:
+    for key in ["smoothed_accuracy", "acr", *[f"cert@{g:g}" for g in GRID]]:
         assert linear[key] == pytest.approx(ref[key], abs=1e-12), key
     shards = sorted((root / "train" / "linear_vit_tiny_digits_sigma0.5" / "certify").glob("*/shard*/summary.json"))
     elapsed = [json.loads(p.read_text())["elapsed_seconds"] for p in shards]
@@ -213,7 +213,7 @@ def test_off_the_shelf_certification_and_predict_mode(tmp_path):
     rows = build_report([tmp_path], GRID).rows
     assert len(rows) == 2 and all(r["run"] is None and r["method"] == "none" for r in rows)
     predict = next(r for r in rows if r["mode"] == "predict")
-    assert predict["acr"] is None and predict["cert@0.5"] is None and predict["clean_accuracy"] is not None
+    assert predict["acr"] is None and predict["cert@0.5"] is None and predict["smoothed_accuracy"] is not None
 
 
 def test_radius_grid_outside_summary_grid_uses_tsv(sweep, tmp_path):
@@ -229,7 +229,7 @@ def test_envelope_is_best_over_sigma(sweep):
     root, _ = sweep
     report = build_report([root], GRID)
     radii = [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
-    lora = curves_by_method(report, radii)["lora (vit_tiny)"]
+    lora = curve_groups(report, radii)["lora (vit_tiny), cohen, n=1000, alpha=0.001"]
     assert len(lora) == 3
     env = envelope([v for _, _, v in lora])
     for k in range(len(radii)):
@@ -241,8 +241,8 @@ def test_markdown_and_csv(sweep):
     report = build_report([root], GRID)
     md = to_markdown(report)
     header = md.splitlines()[0]
-    for col in ["method", "model", "sigma", "trainable params", "clean acc", "cert@0.25", "cert@1", "ACR",
-                "cert time", "status"]:
+    for col in ["method", "model", "sigma", "mode", "n", "alpha", "images", "trainable params", "smoothed acc",
+                "cert@0.25", "cert@1", "ACR", "cert time", "status"]:
         assert col in header
     assert sum(line.startswith("| ") for line in md.splitlines()) == len(report.rows) + 1  # header + rows
     parsed = list(csv.DictReader(to_csv(report).splitlines()))
@@ -261,8 +261,8 @@ def test_report_command_writes_files(sweep, tmp_path):
     out = tmp_path / "rep"
     cfg = compose("report", [f"dirs=[{root}]", f"out={out}", "radius_grid=[0.5,1.0]"], run_dir=tmp_path / "hydra")
     result = run_report(cfg)
-    assert {Path(p).name for p in result["files"].values()} == {"report.md", "report.csv", "report.png"}
-    assert (out / "report.png").stat().st_size > 1000
+    assert {Path(p).name for p in result["files"].values()} == {f"report.{f}" for f in ("md", "csv", "tex", "png", "pdf")}
+    assert (out / "report.png").stat().st_size > 1000 and (out / "report.pdf").read_bytes()[:5] == b"%PDF-"
     assert "cert@0.5" in (out / "report.md").read_text()
     assert len(result["rows"]) == 7
 
@@ -319,7 +319,7 @@ def test_report_numbers_come_from_the_rows_not_the_summary(tmp_path):
                      extra={"acr": 9.0, "clean_accuracy": 0.0, "certified_accuracy": {"0.5": 1.0}, "num_images": 99})
     row, = build_report([tmp_path], GRID).rows
     expected = results.summarize(read_tsv(cert / "certify.tsv"), GRID, mode="cohen", n0=100, n=1000)
-    assert row["acr"] == expected["acr"] and row["clean_accuracy"] == expected["clean_accuracy"]
+    assert row["acr"] == expected["acr"] and row["smoothed_accuracy"] == expected["clean_accuracy"]
     assert row["cert@0.5"] == expected["certified_accuracy"]["0.5"] and row["num_images"] == 12
     assert row["samples_per_image"] == 1100  # a six-column TSV: CERTIFY's fixed n0 + n
 
