@@ -76,9 +76,10 @@ def _draw(ax, plt, report: Report) -> None:
                 label=f"{label}; best over sigma in {{{_sigmas(r.sigma for r in rows)}}}")
 
 
-def plot_report(report: Report, paths: str | Path | Sequence[str | Path]) -> None:
+def plot_report(report: Report, paths: str | Path | Sequence[str | Path]) -> list[str]:
     """All certified-accuracy curves (thin) and, per group, the best-over-sigma envelope (thick;
-    published results dashed), written to each of `paths` (the format follows the suffix: png, pdf)."""
+    published results dashed), written to each of `paths` (the format follows the suffix: png, pdf).
+    Returns the legend's entries."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -92,7 +93,8 @@ def plot_report(report: Report, paths: str | Path | Sequence[str | Path]) -> Non
         ax.set_ylabel("certified accuracy")
         ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
+        labels = ax.get_legend_handles_labels()[1]
+        if labels:
             ax.legend(fontsize=7)
         ax.set_title("thin: one sigma each (dotted: unfinished); thick: best over sigma per (model, method, "
                      "mode, n, alpha); dashed: published", fontsize=8)
@@ -101,6 +103,7 @@ def plot_report(report: Report, paths: str | Path | Sequence[str | Path]) -> Non
             atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120))
     finally:
         plt.close(fig)
+    return labels
 
 
 def _colors(plt, count: int) -> list[str]:

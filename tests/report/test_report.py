@@ -347,3 +347,88 @@ def test_report_refuses_shards_of_different_certifications(tmp_path):
     make_cert(run, base / "shard1of2", rows_for(3, 3, start=1, step=2), shard=1, num_shards=2, extra={"alpha": 0.01})
     with pytest.raises(UserError, match="alpha=0.01"):
         build_report([tmp_path], GRID)
+
+
+@pytest.fixture
+def two_modes(tmp_path):
+    """One run certified twice: CERTIFY at n=1000 and sequential CERTIFY with n_max=1000."""
+    run = make_run(tmp_path, "lora_vit_tiny_digits_sigma0.25", sigma=0.25)
+    make_cert(run, run / "certify" / "cohen_sigma0.25_n1000", rows_for(1, 12), sigma=0.25)
+    make_cert(run, run / "certify" / "sequential_sigma0.25_n1000", rows_for(2, 12), sigma=0.25, mode="sequential",
+              extra={"n_max": 1000, "n": 1000, "alpha": 0.001})
+    return tmp_path
+
+
+def test_two_modes_give_two_distinguishable_rows_and_two_envelopes(two_modes, tmp_path):
+    from peftsmooth.report.plot import plot_report
+
+    report = build_report([two_modes], GRID)
+    assert [(r["mode"], r["n"], r["alpha"], r["num_images"]) for r in report.rows] == [
+        ("cohen", 1000, 0.001, 12), ("sequential", 1000, 0.001, 12)]
+    md = to_markdown(report).splitlines()
+    assert "| method | model | sigma | mode | n | alpha | images |" in md[0]
+    assert [line.split(" | ")[3] for line in md[2:4]] == ["cohen", "sequential"]
+    groups = curve_groups(report, [0.0, 0.5])
+    assert sorted(groups) == ["lora (vit_tiny), cohen, n=1000, alpha=0.001",
+                              "lora (vit_tiny), sequential, n=1000, alpha=0.001"]
+    assert all(len(members) == 1 for members in groups.values())
+    labels = plot_report(report, [tmp_path / "r.png", tmp_path / "r.pdf"])
+    assert labels == [f"{g}; best over sigma in {{0.25}}" for g in sorted(groups)]
+    assert (tmp_path / "r.pdf").read_bytes()[:5] == b"%PDF-"
+    parsed = list(csv.DictReader(to_csv(report).splitlines()))
+    assert [(p["mode"], p["n"], p["alpha"], p["num_images"]) for p in parsed] == [
+        ("cohen", "1000", "0.001", "12"), ("sequential", "1000", "0.001", "12")]
+
+
+def test_the_footnote_names_every_column(two_modes):
+    from peftsmooth.report.render import FOOTNOTE, display_table
+
+    header, _ = display_table(build_report([two_modes], GRID))
+    named = {"cert@0.25": "cert@r", "cert@0.5": "cert@r", "cert@0.75": "cert@r", "cert@1": "cert@r",
+             "method": None, "model": None, "sigma": None, "status": None}
+    for column in header:
+        if named.get(column, column):
+            assert f"{named.get(column, column)}:" in FOOTNOTE, column
+    assert "clean acc" not in FOOTNOTE and "smoothed acc: certified accuracy at r = 0" in FOOTNOTE
+
+
+def test_a_mode_not_known_today_and_alpha_total_are_shown(tmp_path):
+    """Later modes (e.g. incremental certification) bring their own mode string and a total alpha."""
+    run = make_run(tmp_path, "r", sigma=0.5)
+    make_cert(run, run / "certify" / "incremental", rows_for(4, 6), mode="incremental",
+              extra={"alpha": 0.001, "alpha_total": 0.002})
+    row, = build_report([tmp_path], GRID).rows
+    assert (row["mode"], row["alpha"]) == ("incremental", 0.002)
+    assert "| incremental | 1,000 | 0.002 | 6 |" in to_markdown(build_report([tmp_path], GRID))
+
+
+def test_latex_table_is_booktabs_one_row_per_certification_best_in_bold(two_modes):
+    from peftsmooth.report.latex import to_latex
+
+    make_run(two_modes, "ia3_not_certified", method="ia3")  # a run without numbers: not a LaTeX row
+    report = build_report([two_modes], GRID)
+    tex = to_latex(report)
+    lines = tex.splitlines()
+    for rule in (r"\toprule", r"\midrule", r"\bottomrule"):
+        assert lines.count(rule) == 1, rule
+    body = lines[lines.index(r"\midrule") + 1:lines.index(r"\bottomrule")]
+    assert len(body) == 2 and body[0].startswith("lora & vit\\_tiny & 0.25 & cohen & 1000 & 0.001 & 12 & ")
+    assert r"\caption{" in tex and "$n = 1{,}000$" in tex and r"$\alpha = 0.001$" in tex and "12 test images" in tex
+    cells = [line.rstrip(" \\").split(" & ")[7:] for line in body]  # cert. acc. at the grid, then ACR
+    certified = [r for r in report.rows if r["certification"]]
+    for k, key in enumerate([*(f"cert@{g:g}" for g in GRID), "acr"]):
+        values = [row[key] for row in certified]
+        for cell, value in zip((c[k] for c in cells), values):
+            assert cell.startswith(r"\textbf{") == (value == max(values)), (key, cell)
+    assert f"{100 * certified[0]['cert@0.25']:.1f}" in body[0]
+
+
+def test_report_formats_option_writes_only_those(two_modes, tmp_path):
+    from conftest import compose
+
+    from peftsmooth.commands.report import run_report
+
+    out = tmp_path / "only"
+    cfg = compose("report", [f"dirs=[{two_modes}]", f"out={out}", "formats=[tex,pdf]"], run_dir=tmp_path / "h")
+    run_report(cfg)
+    assert sorted(p.name for p in out.iterdir()) == ["report.pdf", "report.tex"]
