@@ -92,12 +92,12 @@ def check_selection(dataset, methods, sigmas) -> None:
     """Refuse (one line naming what exists) an unknown dataset, a method or sigma the dataset has no
     row for, and filters without a dataset; before any work."""
     methods, sigmas = list(methods or []), list(sigmas or [])
-    if dataset is None:
-        require(not methods and not sigmas, "published_methods / published_sigmas filter published rows: "
-                                            "give published=cifar10|imagenet as well")
-        return
     rows = load()
     known = datasets(rows)
+    if dataset is None:
+        require(not methods and not sigmas, "published_methods / published_sigmas filter published rows: "
+                                            f"give published={'|'.join(known)} as well")
+        return
     if str(dataset) not in known and str(dataset) != LIST:
         raise choice_error("published", dataset, [*known, LIST])
     if str(dataset) == LIST:
