@@ -58,9 +58,9 @@ def _shared(rows: list[dict], key: str):
 def caption(rows: list[dict]) -> str:
     """Names n, alpha and images: one value each when every row shares it, else 'per row'."""
     n, alpha, images = (_shared(rows, k) for k in ("n", "alpha", "num_images"))
-    parts = [f"$n = {int(n):,}$".replace(",", "{,}") if n is not None else "$n$ per row",
+    parts = [f"$n = {_count(n)}$" if n is not None else "$n$ per row",
              rf"$\alpha = {float(alpha):g}$" if alpha is not None else r"$\alpha$ per row",
-             f"{int(images):,} test images" if images else "test images per row"]
+             f"{_count(images)} test images" if images else "test images per row"]
     text = (r"Certified accuracy (\%) at $\ell_2$ radius $r$ (native $[0,1]$ pixels) and average "
             rf"certified radius (ACR); Monte Carlo samples {parts[0]}, failure probability {parts[1]}, "
             rf"{parts[2]}. Best of each column in bold.")
@@ -72,9 +72,14 @@ def caption(rows: list[dict]) -> str:
 def identity(row: dict) -> list[str]:
     method = escape(row["method"]) + (r"$^\dagger$" if row.get("published") else "")
     return [method, escape(row.get("model") or "-"), "-" if row["sigma"] is None else f"{row['sigma']:g}",
-            escape(row.get("mode") or "-"), "-" if row.get("n") is None else f"{int(row['n'])}",
+            escape(row.get("mode") or "-"), "-" if row.get("n") is None else _count(row["n"]),
             "-" if row.get("alpha") is None else f"{float(row['alpha']):g}",
-            "-" if not row.get("num_images") else f"{int(row['num_images'])}"]
+            "-" if not row.get("num_images") else _count(row["num_images"])]
+
+
+def _count(value) -> str:
+    """100{,}000: a thousands separator LaTeX typesets without extra space."""
+    return f"{int(value):,}".replace(",", "{,}")
 
 
 def to_latex(report: Report) -> str:

@@ -412,7 +412,7 @@ def test_latex_table_is_booktabs_one_row_per_certification_best_in_bold(two_mode
     for rule in (r"\toprule", r"\midrule", r"\bottomrule"):
         assert lines.count(rule) == 1, rule
     body = lines[lines.index(r"\midrule") + 1:lines.index(r"\bottomrule")]
-    assert len(body) == 2 and body[0].startswith("lora & vit\\_tiny & 0.25 & cohen & 1000 & 0.001 & 12 & ")
+    assert len(body) == 2 and body[0].startswith("lora & vit\\_tiny & 0.25 & cohen & 1{,}000 & 0.001 & 12 & ")
     assert r"\caption{" in tex and "$n = 1{,}000$" in tex and r"$\alpha = 0.001$" in tex and "12 test images" in tex
     cells = [line.rstrip(" \\").split(" & ")[7:] for line in body]  # cert. acc. at the grid, then ACR
     certified = [r for r in report.rows if r["certification"]]
