@@ -2,9 +2,9 @@
 
 An envelope is taken per (model, method, mode, n, alpha) group (table.group_label): two modes or two
 sample sizes of one model are two envelopes, never merged as if they were two sigmas. The legend names
-each group and the sigmas its envelope covers. Published results (report.published) are dashed and
-drawn only at the radii their source has a value for, with markers (nothing interpolated between
-them is claimed).
+each group and the sigmas its envelope covers. Published results (report.published) are dashed, with
+markers at the radii their source has a value for; the dashes only join those points (a
+certified-accuracy curve is non-increasing, so between two markers it lies between their values).
 """
 
 from __future__ import annotations
