@@ -112,7 +112,7 @@ def test_multirun_jobs_get_readable_directories(sweep):
 def test_report_over_the_sweep_equals_the_summaries(sweep, tmp_path):
     from peftsmooth.certify.results import radius_key
     from peftsmooth.commands.report import run_report
-    from peftsmooth.report.render import build_report, curves_by_method
+    from peftsmooth.report.render import build_report, curve_groups
 
     root, runs = sweep
     grid = [0.25, 0.5, 0.75, 1.0]
@@ -127,7 +127,7 @@ def test_report_over_the_sweep_equals_the_summaries(sweep, tmp_path):
         assert row["status"] == "complete" and row["method"] == "lora" and row["model"] == "vit_tiny"
         assert row["num_images"] == summary["num_images"] == 6
         assert row["cert_time_s"] == summary["elapsed_seconds"] > 0
-        assert row["acr"] == summary["acr"] and row["clean_accuracy"] == summary["clean_accuracy"]
+        assert row["acr"] == summary["acr"] and row["smoothed_accuracy"] == summary["clean_accuracy"]
         for r in grid:
             assert row[f"cert@{r:g}"] == summary["certified_accuracy"][radius_key(r)]
         assert row["trainable_params"] == json.loads((runs[sigma] / "run.json").read_text())["trainable_params"]
@@ -139,8 +139,8 @@ def test_report_over_the_sweep_equals_the_summaries(sweep, tmp_path):
     for cert in report.certifications:
         points = [line.split(",") for line in (cert.path / "curve.csv").read_text().splitlines()[1:]]
         radii, expected = [float(r) for r, _ in points], [float(a) for _, a in points]
-        (label, members), = curves_by_method(report, radii).items()
-        assert label == "lora (vit_tiny)" and len(members) == 2
+        (label, members), = curve_groups(report, radii).items()
+        assert label.startswith("lora (vit_tiny), cohen, n=") and len(members) == 2
         values = next(v for c, _, v in members if c.path == cert.path)
         assert values == pytest.approx(expected, abs=1e-6)
 

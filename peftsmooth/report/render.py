@@ -10,18 +10,33 @@ from __future__ import annotations
 import csv
 import io
 import math
-from pathlib import Path
-from typing import Sequence
 
 from peftsmooth.certify import results
-from peftsmooth.report.scan import Certification
-from peftsmooth.report.table import DEFAULT_RADII, Report, build_report, curve_label, run_info  # noqa: F401 (re-exported)
+from peftsmooth.report.plot import curve_groups, envelope, plot_report  # noqa: F401 (re-exported)
+from peftsmooth.report.table import DEFAULT_RADII, Report, build_report  # noqa: F401 (re-exported)
 
-COLUMNS = ["method", "model", "sigma", "trainable params", "clean acc"]
-CSV_KEYS = ["method", "model", "dataset", "sigma", "trainable_params", "total_params", "mode", "n",
-            "num_images", "clean_accuracy"]
+IDENTITY = ["method", "model", "sigma", "mode", "n", "alpha", "images"]  # how each row was certified
+CSV_KEYS = ["method", "model", "dataset", "sigma", "mode", "n", "alpha", "num_images", "trainable_params",
+            "total_params", "smoothed_accuracy"]
 CSV_TAIL = ["acr", "samples_per_image", "cert_time_s", "forward_calls", "batch_fill", "wall_s", "status", "run",
-            "certification"]
+            "certification", "paper", "source"]
+PUBLISHED_MARK = " (published)"  # after the method of a published row, in the printed tables
+FOOTNOTE = (
+    "Accuracies in %, on the certified test images. mode: how the row was certified (cohen: CERTIFY at a "
+    "fixed n; sequential: CERTIFY stopped at fixed looks, n = its n_max; predict: PREDICT, no radii; "
+    "imported: a log of another tool; any other: that mode's own rule); n: Monte Carlo samples per image "
+    "behind each bound; alpha: the failure probability of each certificate (the total when certificates "
+    "are combined); images: test images certified; trainable params: parameters trained for the noise; "
+    "smoothed acc: certified accuracy at r = 0 (predict == label, abstentions wrong); cert@r: certified "
+    "accuracy at L2 radius r (native [0,1] pixels); ACR: average certified radius; samples/img: mean forward "
+    "passes per image (n0 + n for cohen); cert time: summed per-image time; fwd calls: batched forward "
+    "passes; fill: samples drawn / batch capacity; (published): the field's published result, a blank "
+    "radius is one its source has no value at (never interpolated); -: not known.")
+
+
+def _cell(row: dict, key: str, text) -> str:
+    """A published row's missing radius stays blank; anything else unknown is '-'."""
+    return "" if row.get("published") and row.get(key) is None and key.startswith("cert@") else text
 
 
 def _fmt_count(value) -> str:
@@ -50,17 +65,29 @@ def _fmt_time(seconds) -> str:
     return f"{seconds / 3600:.1f}h"
 
 
+def method_cell(row: dict) -> str:
+    return str(row["method"]) + (PUBLISHED_MARK if row.get("published") else "")
+
+
+def identity_cells(row: dict) -> list[str]:
+    """method, model, sigma, mode, n, alpha, images: what was certified and how."""
+    return [method_cell(row), str(row["model"]) if row.get("model") else "-",
+            "-" if row["sigma"] is None else f"{row['sigma']:g}", row.get("mode") or "-",
+            "-" if row.get("n") is None else f"{int(row['n']):,}",
+            "-" if row.get("alpha") is None else f"{float(row['alpha']):g}",
+            "-" if not row.get("num_images") else f"{int(row['num_images']):,}"]
+
+
 def display_table(report: Report) -> tuple[list[str], list[list[str]]]:
     """Header and formatted cells (accuracies in %, as papers print them)."""
-    header = COLUMNS + [results.radius_column(r) for r in report.radius_grid] + [
+    radius_columns = [results.radius_column(r) for r in report.radius_grid]
+    header = IDENTITY + ["trainable params", "smoothed acc"] + radius_columns + [
         "ACR", "samples/img", "cert time", "fwd calls", "fill", "status"]
     cells = []
     for row in report.rows:
         cells.append([
-            str(row["method"]), str(row["model"]),
-            "-" if row["sigma"] is None else f"{row['sigma']:g}",
-            _fmt_count(row["trainable_params"]), _fmt_pct(row["clean_accuracy"]),
-            *[_fmt_pct(row[results.radius_column(r)]) for r in report.radius_grid],
+            *identity_cells(row), _fmt_count(row["trainable_params"]), _fmt_pct(row["smoothed_accuracy"]),
+            *[_cell(row, key, _fmt_pct(row[key])) for key in radius_columns],
             "-" if row["acr"] is None or math.isnan(row["acr"]) else f"{row['acr']:.3f}",
             _fmt_count(row["samples_per_image"]), _fmt_time(row["cert_time_s"]), _fmt_count(row.get("forward_calls")),
             _fmt_pct(row.get("batch_fill")), row["status"],
@@ -72,10 +99,7 @@ def to_markdown(report: Report) -> str:
     header, cells = display_table(report)
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(c) + " |" for c in cells]
-    note = ("Accuracies in %, on the certified test images; cert@r = certified accuracy at L2 radius r "
-            "(native [0,1] pixel space); ACR = average certified radius; samples/img = mean forward "
-            "passes per image.")
-    return "\n".join(lines) + "\n\n" + note + "\n"
+    return "\n".join(lines) + "\n\n" + FOOTNOTE + "\n"
 
 
 def to_csv(report: Report) -> str:
@@ -95,60 +119,8 @@ def rich_table(report: Report):
     header, cells = display_table(report)
     table = Table(title="peftsmooth report", show_lines=False)
     for name in header:
-        table.add_column(name, justify="left" if name in ("method", "model", "status") else "right")
+        table.add_column(name, justify="left" if name in ("method", "model", "mode", "status") else "right")
     for c in cells:
         table.add_row(*c)
+    table.caption = FOOTNOTE
     return table
-
-
-# --------------------------------------------------------------------------- the plot
-
-def curves_by_method(report: Report, radii) -> dict[str, list[tuple[Certification, float | None, list[float]]]]:
-    """Per method label ("method (model)"): each certification, its sigma and its curve on `radii`."""
-    cache: dict = {}
-    out: dict[str, list] = {}
-    for cert in report.certifications:
-        if not cert.rows or not results.certifies((cert.summary or {}).get("mode")):
-            continue
-        label, sigma = curve_label(cert, run_info(cert.run, cache))
-        out.setdefault(label, []).append((cert, sigma, results.curve(cert.rows, radii)))
-    return dict(sorted(out.items()))
-
-
-def envelope(curves: Sequence[Sequence[float]]) -> list[float]:
-    """Best certified accuracy over sigma at each radius (pointwise maximum of the curves)."""
-    return [max(values) for values in zip(*curves)]
-
-
-def plot_report(report: Report, path: str | Path) -> None:
-    """All certified-accuracy curves (thin) and, per method, the best-over-sigma envelope (thick)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    rmax = max([r["radius"] for c in report.certifications for r in c.rows] + [max(report.radius_grid, default=1.0)])
-    radii = list(np.linspace(0.0, rmax * 1.05 + 1e-9, 400))
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    by_method = curves_by_method(report, radii)
-    for color, (method, members) in zip(_colors(plt, len(by_method)), by_method.items()):
-        for cert, _sigma, values in members:
-            ax.plot(radii, values, color=color, lw=0.8, alpha=0.45, ls="-" if cert.complete else "--")
-        sigmas = ", ".join(f"{s:g}" for _, s, _ in members if s is not None)
-        ax.plot(radii, envelope([v for _, _, v in members]), color=color, lw=2.2,
-                label=f"{method}, best over sigma in {{{sigmas}}}")
-    ax.set_xlabel("L2 radius (native [0,1] pixels)")
-    ax.set_ylabel("certified accuracy")
-    ax.set_ylim(0, 1)
-    ax.grid(alpha=0.3)
-    if by_method:
-        ax.legend(fontsize=8)
-    ax.set_title("thin: one sigma each (dashed: unfinished); thick: best-over-sigma envelope", fontsize=9)
-    fig.tight_layout()
-    results.save_figure(fig, path)
-
-
-def _colors(plt, count: int) -> list[str]:
-    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    return [cycle[i % len(cycle)] for i in range(count)]

@@ -20,7 +20,7 @@ renders them (Markdown, CSV, rich, plot).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -34,11 +34,13 @@ DEFAULT_RADII = (0.25, 0.5, 0.75, 1.0)
 
 @dataclass
 class Report:
-    """The table (one dict per row, in display order) and the certifications behind the plot."""
+    """The table (one dict per row, in display order), the certifications behind the plot and the
+    published results shown beside them (peftsmooth.report.published.PublishedRow)."""
 
     rows: list[dict]
     radius_grid: list[float]
     certifications: list[Certification]
+    published: list = field(default_factory=list)
 
 
 def check_dirs(dirs: Sequence[str | Path]) -> list[Path]:
@@ -59,9 +61,15 @@ def build_report(dirs: Sequence[str | Path], radius_grid: Sequence[float] = DEFA
     rows = [certification_row(c, grid, run_info(c.run, cache)) for c in certs]
     certified_runs = {c.run for c in certs if c.run is not None}
     rows += [run_row(r, run_info(r, cache), grid) for r in runs if r not in certified_runs]
-    rows.sort(key=lambda r: (str(r["dataset"]), str(r["model"]), str(r["method"]),
-                             r["sigma"] if r["sigma"] is not None else math.inf, str(r["certification"])))
+    rows.sort(key=row_order)
     return Report(rows=rows, radius_grid=grid, certifications=certs)
+
+
+def row_order(row: dict) -> tuple:
+    """Rows of one envelope (model, method, mode, n, alpha) together, by sigma."""
+    number = lambda key: row[key] if row.get(key) is not None else math.inf  # noqa: E731
+    return (str(row["dataset"]), str(row["model"]), str(row["method"]), str(row["mode"]), number("n"),
+            number("alpha"), number("sigma"), str(row["certification"]))
 
 
 def run_info(run: Path | None, cache: dict) -> dict:
@@ -104,9 +112,18 @@ def describe(meta: dict, info: dict) -> dict:
         "sigma": _first(meta.get("sigma"), info.get("sigma")),
         "trainable_params": _first(info.get("trainable_params"), meta.get("trainable_params")),
         "total_params": info.get("total_params"),
-        "mode": meta.get("mode"),
-        "n": meta.get("n"),
+        "mode": certification_mode(meta),
+        "n": _first(meta.get("n_max"), meta.get("n")),
+        "alpha": _first(meta.get("alpha_total"), meta.get("alpha")),
     }
+
+
+def certification_mode(meta: dict) -> str | None:
+    """How a row was certified: the summary's mode (any string: cohen, sequential, predict, and those
+    later modes add), `imported` for a log of another tool that names none."""
+    if meta.get("mode"):
+        return str(meta["mode"])
+    return "imported" if meta.get(results.IMPORTED_FROM) else None
 
 
 def metrics(rows: Sequence[dict], radius_grid: Sequence[float], meta: dict) -> dict:
@@ -119,7 +136,7 @@ def metrics(rows: Sequence[dict], radius_grid: Sequence[float], meta: dict) -> d
     by_radius = summary["certified_accuracy"]
     return {
         "num_images": summary["num_images"],
-        "clean_accuracy": summary.get("clean_accuracy"),
+        "smoothed_accuracy": summary.get("clean_accuracy"),  # certified accuracy at r = 0
         **{results.radius_column(r): by_radius.get(results.radius_key(r)) for r in radius_grid},
         "acr": summary.get("acr"),
         "samples_per_image": summary.get("mean_samples"),
@@ -162,10 +179,19 @@ def method_label(meta: dict, info: dict) -> str:
 
 
 def curve_label(cert: Certification, info: dict) -> tuple[str, float | None]:
-    """"method (model)" (just "method" when the model is unknown) and the sigma of a certification,
-    for the plot's legend."""
+    """The envelope a certification's curve belongs to and its sigma. One envelope per (model, method,
+    mode, n, alpha): "method (model), mode, n=..., alpha=..." (parts that are unknown left out), so
+    that two modes or two sample sizes are never merged as if they were two sigmas."""
     row = describe(results.summary_metadata(cert.summary), info)
-    return (f"{row['method']} ({row['model']})" if row["model"] else str(row["method"])), row["sigma"]
+    return group_label(row), row["sigma"]
+
+
+def group_label(row: dict) -> str:
+    """"method (model), mode, n=..., alpha=..." of a table row (the envelope it belongs to)."""
+    label = f"{row['method']} ({row['model']})" if row.get("model") else str(row["method"])
+    parts = [label] + [str(row["mode"])] * bool(row.get("mode"))
+    parts += [f"{key}={row[key]:g}" for key in ("n", "alpha") if row.get(key) is not None]
+    return ", ".join(parts)
 
 
 def _model_label(info: dict) -> str | None:

@@ -16,7 +16,7 @@ from peftsmooth.certify import results
 from peftsmooth.commands.import_logs import run_import
 from peftsmooth.errors import UserError
 from peftsmooth.report import import_logs
-from peftsmooth.report.render import build_report, curves_by_method
+from peftsmooth.report.render import build_report, curve_groups
 
 HEADER = "idx\tlabel\tpredict\tradius\tcorrect\ttime\n"
 # rows as Cohen's certify.py prints them: radius with 3 digits, time a datetime.timedelta
@@ -139,8 +139,10 @@ def test_report_lists_imports_like_its_own(tmp_path):
     assert [(r["method"], r["model"], r["dataset"], r["sigma"], r["status"]) for r in report.rows] == [
         ("cohen", "resnet110", "cifar10", 0.25, "imported"), ("cohen", "resnet110", "cifar10", 0.5, "imported")]
     assert [r["cert@0.5"] for r in report.rows] == [0.5, 0.5] and report.rows[0]["acr"] == pytest.approx(1.731 / 4)
-    curves = curves_by_method(report, [0.0, 0.5, 1.0])
-    assert list(curves) == ["cohen (resnet110)"] and [s for _, s, _ in curves["cohen (resnet110)"]] == [0.25, 0.5]
+    assert [r["mode"] for r in report.rows] == ["imported", "imported"]
+    curves = curve_groups(report, [0.0, 0.5, 1.0])
+    label = "cohen (resnet110), imported"
+    assert list(curves) == [label] and [s for _, s, _ in curves[label]] == [0.25, 0.5]
 
 
 def test_the_cli_takes_model_and_dataset_as_plain_keys():

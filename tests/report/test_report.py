@@ -17,7 +17,7 @@ import pytest
 from peftsmooth.certify import results
 from peftsmooth.certify.results import certified_accuracy, curve, read_tsv
 from peftsmooth.errors import UserError
-from peftsmooth.report.render import build_report, curves_by_method, envelope, to_csv, to_markdown
+from peftsmooth.report.render import build_report, curve_groups, envelope, to_csv, to_markdown
 
 GRID = [0.25, 0.5, 0.75, 1.0]
 
@@ -97,7 +97,7 @@ def test_started_certification_without_rows(tmp_path):
     run = make_run(tmp_path, "r")
     make_cert(run, run / "certify" / "cohen_sigma0.5_n1000", [], summary=False)
     row, = build_report([tmp_path], GRID).rows
-    assert row["status"] == "partial: 0 images" and row["acr"] is None and row["clean_accuracy"] is None
+    assert row["status"] == "partial: 0 images" and row["acr"] is None and row["smoothed_accuracy"] is None
 
 
 def test_metrics_follow_cohen_analysis():
@@ -151,7 +151,7 @@ def test_report_table_equals_summaries(sweep):
     for row, sigma in zip(lora, [0.25, 0.5, 1.0]):
         summary = json.loads((runs[("lora", sigma)] / "certify" / f"cohen_sigma{sigma}_n1000" / "summary.json").read_text())
         assert row["acr"] == summary["acr"]
-        assert row["clean_accuracy"] == summary["clean_accuracy"]
+        assert row["smoothed_accuracy"] == summary["clean_accuracy"]
         for g in GRID:
             assert row[f"cert@{g:g}"] == summary["certified_accuracy"][f"{g:g}"]
         assert row["trainable_params"] == 1234 and row["cert_time_s"] == summary["elapsed_seconds"]
@@ -180,7 +180,7 @@ def test_report_merges_shards_like_one_run(sweep, tmp_path):
     single = make_cert(None, tmp_path / "single", whole, method="linear")
     ref, = build_report([single], GRID).rows
     assert linear["status"] == "merged 2 shards" and linear["num_images"] == 30
-    for key in ["clean_accuracy", "acr", *[f"cert@{g:g}" for g in GRID]]:
+    for key in ["smoothed_accuracy", "acr", *[f"cert@{g:g}" for g in GRID]]:
         assert linear[key] == pytest.approx(ref[key], abs=1e-12), key
     shards = sorted((root / "train" / "linear_vit_tiny_digits_sigma0.5" / "certify").glob("*/shard*/summary.json"))
     elapsed = [json.loads(p.read_text())["elapsed_seconds"] for p in shards]
@@ -213,7 +213,7 @@ def test_off_the_shelf_certification_and_predict_mode(tmp_path):
     rows = build_report([tmp_path], GRID).rows
     assert len(rows) == 2 and all(r["run"] is None and r["method"] == "none" for r in rows)
     predict = next(r for r in rows if r["mode"] == "predict")
-    assert predict["acr"] is None and predict["cert@0.5"] is None and predict["clean_accuracy"] is not None
+    assert predict["acr"] is None and predict["cert@0.5"] is None and predict["smoothed_accuracy"] is not None
 
 
 def test_radius_grid_outside_summary_grid_uses_tsv(sweep, tmp_path):
@@ -229,7 +229,7 @@ def test_envelope_is_best_over_sigma(sweep):
     root, _ = sweep
     report = build_report([root], GRID)
     radii = [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
-    lora = curves_by_method(report, radii)["lora (vit_tiny)"]
+    lora = curve_groups(report, radii)["lora (vit_tiny), cohen, n=1000, alpha=0.001"]
     assert len(lora) == 3
     env = envelope([v for _, _, v in lora])
     for k in range(len(radii)):
@@ -241,8 +241,8 @@ def test_markdown_and_csv(sweep):
     report = build_report([root], GRID)
     md = to_markdown(report)
     header = md.splitlines()[0]
-    for col in ["method", "model", "sigma", "trainable params", "clean acc", "cert@0.25", "cert@1", "ACR",
-                "cert time", "status"]:
+    for col in ["method", "model", "sigma", "mode", "n", "alpha", "images", "trainable params", "smoothed acc",
+                "cert@0.25", "cert@1", "ACR", "cert time", "status"]:
         assert col in header
     assert sum(line.startswith("| ") for line in md.splitlines()) == len(report.rows) + 1  # header + rows
     parsed = list(csv.DictReader(to_csv(report).splitlines()))
@@ -261,8 +261,8 @@ def test_report_command_writes_files(sweep, tmp_path):
     out = tmp_path / "rep"
     cfg = compose("report", [f"dirs=[{root}]", f"out={out}", "radius_grid=[0.5,1.0]"], run_dir=tmp_path / "hydra")
     result = run_report(cfg)
-    assert {Path(p).name for p in result["files"].values()} == {"report.md", "report.csv", "report.png"}
-    assert (out / "report.png").stat().st_size > 1000
+    assert {Path(p).name for p in result["files"].values()} == {f"report.{f}" for f in ("md", "csv", "tex", "png", "pdf")}
+    assert (out / "report.png").stat().st_size > 1000 and (out / "report.pdf").read_bytes()[:5] == b"%PDF-"
     assert "cert@0.5" in (out / "report.md").read_text()
     assert len(result["rows"]) == 7
 
@@ -319,7 +319,7 @@ def test_report_numbers_come_from_the_rows_not_the_summary(tmp_path):
                      extra={"acr": 9.0, "clean_accuracy": 0.0, "certified_accuracy": {"0.5": 1.0}, "num_images": 99})
     row, = build_report([tmp_path], GRID).rows
     expected = results.summarize(read_tsv(cert / "certify.tsv"), GRID, mode="cohen", n0=100, n=1000)
-    assert row["acr"] == expected["acr"] and row["clean_accuracy"] == expected["clean_accuracy"]
+    assert row["acr"] == expected["acr"] and row["smoothed_accuracy"] == expected["clean_accuracy"]
     assert row["cert@0.5"] == expected["certified_accuracy"]["0.5"] and row["num_images"] == 12
     assert row["samples_per_image"] == 1100  # a six-column TSV: CERTIFY's fixed n0 + n
 
@@ -347,3 +347,88 @@ def test_report_refuses_shards_of_different_certifications(tmp_path):
     make_cert(run, base / "shard1of2", rows_for(3, 3, start=1, step=2), shard=1, num_shards=2, extra={"alpha": 0.01})
     with pytest.raises(UserError, match="alpha=0.01"):
         build_report([tmp_path], GRID)
+
+
+@pytest.fixture
+def two_modes(tmp_path):
+    """One run certified twice: CERTIFY at n=1000 and sequential CERTIFY with n_max=1000."""
+    run = make_run(tmp_path, "lora_vit_tiny_digits_sigma0.25", sigma=0.25)
+    make_cert(run, run / "certify" / "cohen_sigma0.25_n1000", rows_for(1, 12), sigma=0.25)
+    make_cert(run, run / "certify" / "sequential_sigma0.25_n1000", rows_for(2, 12), sigma=0.25, mode="sequential",
+              extra={"n_max": 1000, "n": 1000, "alpha": 0.001})
+    return tmp_path
+
+
+def test_two_modes_give_two_distinguishable_rows_and_two_envelopes(two_modes, tmp_path):
+    from peftsmooth.report.plot import plot_report
+
+    report = build_report([two_modes], GRID)
+    assert [(r["mode"], r["n"], r["alpha"], r["num_images"]) for r in report.rows] == [
+        ("cohen", 1000, 0.001, 12), ("sequential", 1000, 0.001, 12)]
+    md = to_markdown(report).splitlines()
+    assert "| method | model | sigma | mode | n | alpha | images |" in md[0]
+    assert [line.split(" | ")[3] for line in md[2:4]] == ["cohen", "sequential"]
+    groups = curve_groups(report, [0.0, 0.5])
+    assert sorted(groups) == ["lora (vit_tiny), cohen, n=1000, alpha=0.001",
+                              "lora (vit_tiny), sequential, n=1000, alpha=0.001"]
+    assert all(len(members) == 1 for members in groups.values())
+    labels = plot_report(report, [tmp_path / "r.png", tmp_path / "r.pdf"])
+    assert labels == [f"{g}; best over sigma in {{0.25}}" for g in sorted(groups)]
+    assert (tmp_path / "r.pdf").read_bytes()[:5] == b"%PDF-"
+    parsed = list(csv.DictReader(to_csv(report).splitlines()))
+    assert [(p["mode"], p["n"], p["alpha"], p["num_images"]) for p in parsed] == [
+        ("cohen", "1000", "0.001", "12"), ("sequential", "1000", "0.001", "12")]
+
+
+def test_the_footnote_names_every_column(two_modes):
+    from peftsmooth.report.render import FOOTNOTE, display_table
+
+    header, _ = display_table(build_report([two_modes], GRID))
+    named = {"cert@0.25": "cert@r", "cert@0.5": "cert@r", "cert@0.75": "cert@r", "cert@1": "cert@r",
+             "method": None, "model": None, "sigma": None, "status": None}
+    for column in header:
+        if named.get(column, column):
+            assert f"{named.get(column, column)}:" in FOOTNOTE, column
+    assert "clean acc" not in FOOTNOTE and "smoothed acc: certified accuracy at r = 0" in FOOTNOTE
+
+
+def test_a_mode_not_known_today_and_alpha_total_are_shown(tmp_path):
+    """Later modes (e.g. incremental certification) bring their own mode string and a total alpha."""
+    run = make_run(tmp_path, "r", sigma=0.5)
+    make_cert(run, run / "certify" / "incremental", rows_for(4, 6), mode="incremental",
+              extra={"alpha": 0.001, "alpha_total": 0.002})
+    row, = build_report([tmp_path], GRID).rows
+    assert (row["mode"], row["alpha"]) == ("incremental", 0.002)
+    assert "| incremental | 1,000 | 0.002 | 6 |" in to_markdown(build_report([tmp_path], GRID))
+
+
+def test_latex_table_is_booktabs_one_row_per_certification_best_in_bold(two_modes):
+    from peftsmooth.report.latex import to_latex
+
+    make_run(two_modes, "ia3_not_certified", method="ia3")  # a run without numbers: not a LaTeX row
+    report = build_report([two_modes], GRID)
+    tex = to_latex(report)
+    lines = tex.splitlines()
+    for rule in (r"\toprule", r"\midrule", r"\bottomrule"):
+        assert lines.count(rule) == 1, rule
+    body = lines[lines.index(r"\midrule") + 1:lines.index(r"\bottomrule")]
+    assert len(body) == 2 and body[0].startswith("lora & vit\\_tiny & 0.25 & cohen & 1{,}000 & 0.001 & 12 & ")
+    assert r"\caption{" in tex and "$n = 1{,}000$" in tex and r"$\alpha = 0.001$" in tex and "12 test images" in tex
+    cells = [line.rstrip(" \\").split(" & ")[7:] for line in body]  # cert. acc. at the grid, then ACR
+    certified = [r for r in report.rows if r["certification"]]
+    for k, key in enumerate([*(f"cert@{g:g}" for g in GRID), "acr"]):
+        values = [row[key] for row in certified]
+        for cell, value in zip((c[k] for c in cells), values):
+            assert cell.startswith(r"\textbf{") == (value == max(values)), (key, cell)
+    assert f"{100 * certified[0]['cert@0.25']:.1f}" in body[0]
+
+
+def test_report_formats_option_writes_only_those(two_modes, tmp_path):
+    from conftest import compose
+
+    from peftsmooth.commands.report import run_report
+
+    out = tmp_path / "only"
+    cfg = compose("report", [f"dirs=[{two_modes}]", f"out={out}", "formats=[tex,pdf]"], run_dir=tmp_path / "h")
+    run_report(cfg)
+    assert sorted(p.name for p in out.iterdir()) == ["report.pdf", "report.tex"]
