@@ -49,9 +49,9 @@ TINY_VIT = ["model.input_size=16", "model.kwargs.img_size=16", "model.kwargs.pat
 class StageError(Exception):
     """A command of a stage failed or ran out of time."""
 
-    def __init__(self, message: str, status: str = "failed"):
+    def __init__(self, message: str, status: str = "failed", result: dict | None = None):
         super().__init__(message)
-        self.status = status
+        self.status, self.result = status, result
 
 
 @dataclass
@@ -184,7 +184,7 @@ def stage_cuda_tests(ctx: Context) -> dict:
     result = {"files": files, "tests": len(outcome), "passed": sum(s == "passed" for s in outcome.values()),
               "skipped": sum(s == "skipped" for s in outcome.values()), "failed": failed}
     if failed:
-        raise StageError(f"{len(failed)} CUDA test(s) failed: {', '.join(failed)}", "failed")
+        raise StageError(f"{len(failed)} CUDA test(s) failed: {', '.join(failed)}", "failed", result)
     return result
 
 
@@ -196,15 +196,24 @@ def _outcome(case) -> str:
 
 
 def stage_sampler_vit(ctx: Context) -> dict:
+    """fp32 beside Cohen's fp32 sampler at a small n (both are slow), then bf16 and bf16 + compile at a
+    larger n (a CERTIFY's partial n0 batch weighs less), each compared with that fp32 reference."""
     if ctx.smoke:
-        args = ["--model", "vit_tiny", "--model-override", *TINY_VIT, "--image-size", "3", "16", "16",
-                "--batch-size", "64", "--n0", "16", "--n", "192", "--repeats", "1", "--device", "cpu"]
+        model = ["--model", "vit_tiny", "--model-override", *TINY_VIT, "--image-size", "3", "16", "16",
+                 "--batch-size", "64", "--n0", "16", "--repeats", "1", "--device", "cpu"]
+        n_slow, n_fast = "96", "192"
     else:
-        args = ["--model", "vit", "--model-override", "model.pretrained=false", "--image-size", "3", "32", "32",
-                "--batch-size", "1024", "--n0", "100", "--n", "5000", "--repeats", "2"]
-    argv = [sys.executable, str(SCRIPTS / "bench_certify.py"), *args, "--configs", "fp32", "bf16", "bf16+compile",
-            "--reference-once"]
-    return {"rows": json_lines(ctx.run(argv))}
+        model = ["--model", "vit", "--model-override", "model.pretrained=false", "--image-size", "3", "32", "32",
+                 "--batch-size", "1024", "--n0", "100", "--repeats", "2"]
+        n_slow, n_fast = "3000", "20000"
+    bench = [sys.executable, str(SCRIPTS / "bench_certify.py"), *model]
+    rows = json_lines(ctx.run([*bench, "--configs", "fp32", "--n", n_slow]))
+    reference = rows[0]["reference_samples_per_second"]
+    fast = json_lines(ctx.run([*bench, "--configs", "bf16", "bf16+compile", "--n", n_fast, "--no-reference"]))
+    for row in fast:
+        row.update(reference_samples_per_second=reference, speedup=row["samples_per_second"] / reference,
+                   reference_n=int(n_slow))
+    return {"rows": rows + fast}
 
 
 def stage_sampler_resnet110(ctx: Context) -> dict:
@@ -305,11 +314,11 @@ def _mean_samples(tsv: Path) -> float | None:
 # Name, cap in seconds on one GPU (they sum to 465 s), cap in smoke mode, function.
 STAGES: list[tuple[str, float, float, Callable[[Context], dict]]] = [
     ("cuda_tests", 45, 90, stage_cuda_tests),
-    ("sampler_vit", 150, 90, stage_sampler_vit),
+    ("sampler_vit", 140, 90, stage_sampler_vit),
     ("sampler_resnet110", 60, 90, stage_sampler_resnet110),
     ("pool_resnet110", 75, 90, stage_pool_resnet110),
     ("train_vit", 45, 90, stage_train_vit),
-    ("quickstart", 90, 120, stage_quickstart),
+    ("quickstart", 100, 120, stage_quickstart),
 ]
 
 
@@ -322,7 +331,7 @@ def run_stage(name: str, cap: float, fn: Callable[[Context], dict], args, run_de
     try:
         record["result"] = fn(ctx)
     except StageError as err:
-        record.update(status=err.status, error=str(err))
+        record.update(status=err.status, error=str(err), result=err.result)
     except Exception as err:  # noqa: BLE001 - a broken stage is recorded, the others still run
         record.update(status="failed", error=f"{type(err).__name__}: {err}")
     record["wall_s"] = time.monotonic() - start
@@ -366,13 +375,13 @@ def _pct(value) -> str:
 
 
 def sampler_table(stages: dict) -> list[str]:
-    lines = ["| model | batch | precision | compile | samples/s | Cohen fp32 samples/s | speedup | GFLOP/sample | "
-             "TFLOP/s | MFU | peak memory (MiB) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | batch | n0 + n | precision | compile | samples/s | Cohen fp32 samples/s | speedup | "
+             "GFLOP/sample | TFLOP/s | MFU | peak memory (MiB) |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name in ("sampler_vit", "sampler_resnet110"):
         for r in (stages.get(name, {}).get("result") or {}).get("rows", []):
             model = " ".join([r["model"], *[o.split("=", 1)[1] for o in r["model_override"] if "arch=" in o]])
             compiled = "yes" if r["compile"] else ("failed" if r.get("compile_error") else "no")
-            lines.append(f"| {model} | {r['batch_size']:,} | {r['precision']} | {compiled} | "
+            lines.append(f"| {model} | {r['batch_size']:,} | {r['n0'] + r['n']:,} | {r['precision']} | {compiled} | "
                          f"{_num(r['samples_per_second'])} | {_num(r['reference_samples_per_second'])} | "
                          f"{_num(r['speedup'], '.2f')} | {r['flops_per_sample'] / 1e9:.3f} | "
                          f"{_num(r['achieved_tflops'], '.2f')} | {_pct(r['mfu'])} | {_num(r['peak_memory_mb'])} |")
@@ -420,9 +429,10 @@ def markdown(report: dict) -> str:
         lines += ["CPU smoke run (tiny models, few samples): it checks that the script works, not a performance figure.", ""]
     lines += ["| stage | status | wall (s) | cap (s) | note |", "|---|---|---|---|---|"]
     for s in report["stages"]:
-        note = (s["error"] or "").replace("|", "/")[:300]
+        notes = [(s["error"] or "").replace("|", "/")[:300]]
         if s["name"] == "cuda_tests" and s["result"]:
-            note = f"{s['result']['passed']} passed, {s['result']['skipped']} skipped of {s['result']['tests']}; " + note
+            notes.insert(0, f"{s['result']['passed']} passed, {s['result']['skipped']} skipped of {s['result']['tests']}")
+        note = "; ".join(n for n in notes if n)
         lines.append(f"| {s['name']} | {s['status']} | {_num(s['wall_s'], '.1f')} | {s['cap_s']:.0f} | {note} |")
     for title, table in (("Sampler throughput", sampler_table), ("Sequential and Cohen, pool on and off", pool_table),
                          ("Training step", train_table), ("Quick start", quickstart_table)):
