@@ -72,8 +72,9 @@ def build_step(args, method: str, device: torch.device):
     return model, step
 
 
-def train_flops_per_image(model: nn.Module, step, args, device: torch.device) -> float:
-    """FLOPs of one forward + backward per image, counted on a batch of 2 (no optimizer step)."""
+def train_flops_per_image(model: nn.Module, step, args, device: torch.device, helpers) -> float:
+    """FLOPs of one forward + backward per image, counted on a batch of 2 (no optimizer step), attention
+    included (bench_certify.counted_attention)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from peftsmooth.train.losses import Batch, Progress
@@ -82,7 +83,7 @@ def train_flops_per_image(model: nn.Module, step, args, device: torch.device) ->
     x, noisy, y = synthetic_batch(2, args, device)
     counter = FlopCounterMode(display=False)
     model.train()
-    with counter:
+    with helpers.counted_attention(), counter:
         with autocast(device, step.autocast_dtype):
             loss, _ = step.objective(model, Batch(x, noisy, y, args.sigma, Progress()))
         loss.backward()
@@ -99,7 +100,7 @@ def measure(args, method: str, device: torch.device, helpers) -> dict:
     """One method: images/s over --steps timed optimizer steps, FLOPs, MFU and peak memory."""
     helpers.reset_peak_memory(device)
     model, step = build_step(args, method, device)
-    flops = train_flops_per_image(model, step, args, device)
+    flops = train_flops_per_image(model, step, args, device, helpers)
     x, noisy, y = synthetic_batch(args.batch_size, args, device)
     step.begin_epoch()
     for _ in range(args.warmup):
