@@ -64,7 +64,7 @@ class Context:
     deadline: float
     fork: bool
 
-    def run(self, argv: list[str], env: dict | None = None) -> str:
+    def run(self, argv: list[str]) -> str:
         """Run argv (python ... / python -m ...) in ROOT; its stdout, or StageError on failure or timeout."""
         logs = self.out / "logs"
         logs.mkdir(parents=True, exist_ok=True)
@@ -78,8 +78,8 @@ class Context:
         with open(log_path, "ab") as log:
             log.write(f"$ {' '.join(argv)}\n".encode())
         launch = run_forked if self.fork else run_subprocess
-        code = launch(argv, stdout_path, log_path, left, {**os.environ, **(env or {})})
-        text = stdout_path.read_text(errors="replace")[start:]
+        code = launch(argv, stdout_path, log_path, left)
+        text = stdout_path.read_bytes()[start:].decode(errors="replace")
         if code is None:
             raise StageError(f"{' '.join(argv[1:3])}: killed at the stage's cap", "timeout")
         if code != 0:
@@ -87,10 +87,10 @@ class Context:
         return text
 
 
-def run_subprocess(argv: list[str], stdout_path: Path, log_path: Path, timeout: float, env: dict) -> int | None:
+def run_subprocess(argv: list[str], stdout_path: Path, log_path: Path, timeout: float) -> int | None:
     """argv in a new process group; its exit code, or None after killing the group at `timeout`."""
     with open(stdout_path, "ab") as out, open(log_path, "ab") as log:
-        proc = subprocess.Popen(argv, cwd=ROOT, stdout=out, stderr=log, env=env, start_new_session=True)
+        proc = subprocess.Popen(argv, cwd=ROOT, stdout=out, stderr=log, start_new_session=True)
         try:
             return proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -99,13 +99,17 @@ def run_subprocess(argv: list[str], stdout_path: Path, log_path: Path, timeout: 
             return None
 
 
-def run_forked(argv: list[str], stdout_path: Path, log_path: Path, timeout: float, env: dict) -> int | None:
+def run_forked(argv: list[str], stdout_path: Path, log_path: Path, timeout: float) -> int | None:
     """argv run by runpy in a forked child (its own process group); as run_subprocess. Smoke mode only:
     the parent has imported the heavy modules once, and never touches an accelerator before forking."""
     pid = os.fork()
     if pid == 0:  # the child: never returns
         os.setpgid(0, 0)
-        _exec_in_child(argv, stdout_path, log_path, env)
+        _exec_in_child(argv, stdout_path, log_path)
+    try:
+        os.setpgid(pid, pid)  # also from this side, so the group exists whoever runs first
+    except OSError:
+        pass  # the child has set it already (or has exec'd nothing and exited)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         done, status = os.waitpid(pid, os.WNOHANG)
@@ -117,14 +121,12 @@ def run_forked(argv: list[str], stdout_path: Path, log_path: Path, timeout: floa
     return None
 
 
-def _exec_in_child(argv: list[str], stdout_path: Path, log_path: Path, env: dict) -> None:
+def _exec_in_child(argv: list[str], stdout_path: Path, log_path: Path) -> None:
     import runpy
 
     code = 1
     try:
         os.chdir(ROOT)
-        os.environ.clear()
-        os.environ.update(env)
         out, log = os.open(stdout_path, os.O_WRONLY | os.O_APPEND), os.open(log_path, os.O_WRONLY | os.O_APPEND)
         os.dup2(out, 1)
         os.dup2(log, 2)
@@ -457,6 +459,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--budget", type=float, default=BUDGET_S, help="seconds for all stages together")
     p.add_argument("--stages", nargs="+", choices=[s[0] for s in STAGES], default=None, help="a subset, in order")
     args = p.parse_args(argv)
+    args.out = str(Path(args.out).resolve())  # the stages run in the repository root
     args.fork = args.smoke and hasattr(os, "fork")
     return args
 
