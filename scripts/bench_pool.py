@@ -121,7 +121,7 @@ def random_images(count: int, shape: tuple[int, ...], num_classes: int) -> list:
     return [(torch.rand(shape, generator=g), int(torch.randint(num_classes, (1,), generator=g))) for _ in range(count)]
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--run", default=str(ROOT / "outputs" / "bench_pool" / "base"))
     p.add_argument("--resnet110", action="store_true", help="a ResNet-110-size CIFAR network (random weights)")
@@ -136,7 +136,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--precision", default="fp32")
     p.add_argument("--device", default="auto", help="auto (the first GPU, else the CPU), cpu, cuda:N, ...")
     p.add_argument("--out", help="append the JSON lines to this file")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = parse_args(argv)
     args.device = resolve_device(args.device)
     torch.manual_seed(0)
     if args.smoke:

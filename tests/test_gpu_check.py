@@ -81,3 +81,50 @@ def test_the_stage_caps_fit_eight_minutes_and_the_cuda_tests_are_found():
     gc = load_script()
     assert sum(cap for _, cap, _, _ in gc.STAGES) <= gc.BUDGET_S <= 480
     assert "tests/certify/test_smoothing.py" in gc.cuda_test_files()
+
+
+class Recording:
+    """A stage context that records the commands a full (GPU) run would start, and answers each with
+    one well-formed JSON line."""
+
+    def __init__(self, out):
+        self.out, self.smoke, self.stage, self.deadline, self.fork = out, False, "x", 0.0, False
+        self.commands = []
+
+    def run(self, argv):
+        self.commands.append(argv)
+        return '{"reference_samples_per_second": 1.0, "samples_per_second": 2.0}\n'
+
+
+def load_bench(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_full_runs_commands_parse_and_compose(tmp_path):
+    """The GPU run's command lines (which no CPU test executes) are accepted by the scripts' parsers, and
+    the quick start's by Hydra, so a lent GPU's minutes are not lost to a misspelled option."""
+    from conftest import compose
+
+    gc = load_script()
+    ctx = Recording(tmp_path)
+    for stage in (gc.stage_sampler_vit, gc.stage_sampler_resnet110, gc.stage_pool_resnet110, gc.stage_train_vit):
+        stage(ctx)
+    scripts = {}
+    for argv in ctx.commands:
+        name = Path(argv[1]).stem
+        scripts.setdefault(name, load_bench(name))
+        args = scripts[name].parse_args(argv[2:])
+        assert not getattr(args, "smoke", False) and getattr(args, "device", "auto") == "auto"
+        if name == "bench_certify":
+            assert {c[0] for c in scripts[name].configurations(args)} <= {"fp32", "bf16"}
+    assert sorted(scripts) == ["bench_certify", "bench_pool", "bench_train"] and len(ctx.commands) == 5
+    data = gc.synthetic_folder(tmp_path / "data", 2, 2, 1, 8)
+    train, certify = gc.quickstart_commands(ctx, data, tmp_path / "run")
+    assert train[2:4] == ["peftsmooth", "train"] and certify[2:4] == ["peftsmooth", "certify"]
+    train_cfg = compose("train", train[4:])
+    assert (train_cfg.model.pretrained, train_cfg.train.epochs, train_cfg.dataset.num_classes) == (False, 1, 2)
+    certify_cfg = compose("certify", certify[4:])
+    assert certify_cfg.certify.mode == "sequential" and certify_cfg.certify.n_max == 10000
