@@ -19,6 +19,7 @@ the peak table of scripts/bench_certify.py, and peak memory. scripts/gpu_check.p
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib.util
 import json
 import sys
@@ -98,6 +99,9 @@ def synthetic_batch(size: int, args, device: torch.device):
 
 def measure(args, method: str, device: torch.device, helpers) -> dict:
     """One method: images/s over --steps timed optimizer steps, FLOPs, MFU and peak memory."""
+    gc.collect()  # the previous method's model and optimizer state leave the device's peak
+    if device.type != "cpu":
+        torch.accelerator.empty_cache()
     helpers.reset_peak_memory(device)
     model, step = build_step(args, method, device)
     flops = train_flops_per_image(model, step, args, device, helpers)

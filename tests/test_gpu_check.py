@@ -120,7 +120,7 @@ def test_the_full_runs_commands_parse_and_compose(tmp_path):
         assert not getattr(args, "smoke", False) and getattr(args, "device", "auto") == "auto"
         if name == "bench_certify":
             assert {c[0] for c in scripts[name].configurations(args)} <= {"fp32", "bf16"}
-    assert sorted(scripts) == ["bench_certify", "bench_pool", "bench_train"] and len(ctx.commands) == 5
+    assert sorted(scripts) == ["bench_certify", "bench_pool", "bench_train"] and len(ctx.commands) == 6
     data = gc.synthetic_folder(tmp_path / "data", 2, 2, 1, 8)
     train, certify = gc.quickstart_commands(ctx, data, tmp_path / "run")
     assert train[2:4] == ["peftsmooth", "train"] and certify[2:4] == ["peftsmooth", "certify"]
