@@ -173,6 +173,7 @@ def stage_cuda_tests(ctx: Context) -> dict:
     if not files:
         raise StageError("no test in tests/ is marked pytest.mark.cuda")
     junit = ctx.out / "cuda_tests.xml"
+    junit.unlink(missing_ok=True)  # never read a previous run's results
     argv = [sys.executable, "-m", "pytest", "-m", "cuda", "-n", "0", "-q", "-p", "no:cacheprovider",
             f"--junitxml={junit}", *files]
     try:
@@ -183,10 +184,13 @@ def stage_cuda_tests(ctx: Context) -> dict:
     cases = list(ElementTree.parse(junit).getroot().iter("testcase"))
     outcome = {case.get("classname", "") + "::" + case.get("name", ""): _outcome(case) for case in cases}
     failed = sorted(name for name, state in outcome.items() if state in ("failed", "error"))
+    skipped = sorted(name for name, state in outcome.items() if state == "skipped")
     result = {"files": files, "tests": len(outcome), "passed": sum(s == "passed" for s in outcome.values()),
-              "skipped": sum(s == "skipped" for s in outcome.values()), "failed": failed}
+              "skipped": len(skipped), "failed": failed}
     if failed:
         raise StageError(f"{len(failed)} CUDA test(s) failed: {', '.join(failed)}", "failed", result)
+    if skipped and not ctx.smoke:  # on the GPU machine a skipped CUDA test is a test that did not run
+        raise StageError(f"{len(skipped)} CUDA test(s) skipped on the GPU run: {', '.join(skipped)}", "failed", result)
     return result
 
 
