@@ -13,6 +13,9 @@ Each configuration certifies the same images with `peftsmooth.certify.engine.cer
 - `sequential, pool`: certify.pack=true, every forward pass filled from the images in flight;
 - `cohen, one image` / `cohen, pool`: fixed-n CERTIFY at n = n_max, for the time sequential saves.
 
+--resnet110 uses `peftsmooth.models.rs.CifarResNet(110)`, the network of `model=rs
+model.arch=cifar_resnet110` (Cohen et al.'s CIFAR ResNet-110). scripts/gpu_check.py runs it at batch 4,096.
+
 It checks that packing changed no row (prediction, radius, samples) and prints a Markdown table and
 one JSON line per configuration: forward calls, batch fill (samples / (calls x batch size)), samples
 per image, wall seconds and samples/s. With --resnet110 the network has random weights (the timing of
@@ -36,6 +39,8 @@ from omegaconf import OmegaConf
 from peftsmooth.certify.engine import Settings, certify_rows
 from peftsmooth.certify.smoothing import Smooth
 from peftsmooth.config import conf_dir
+from peftsmooth.models.rs import CifarResNet
+from peftsmooth.runtime import resolve_device
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = [("sequential", False), ("sequential", True), ("cohen", False), ("cohen", True)]
@@ -58,12 +63,10 @@ def measure(model: nn.Module, num_classes: int, sigma: float, images: list, args
     for mode, pack in CONFIGS:
         g = Smooth(model, num_classes, sigma, precision=args.precision)
         s = settings(mode, pack, args.n0, args.n_max, args.alpha)
-        if args.device == "cuda":
-            torch.cuda.synchronize()
+        _sync(args.device)
         start = time.perf_counter()
         rows = list(certify_rows(g, images, list(range(len(images))), s, 0, args.batch_size))
-        if args.device == "cuda":
-            torch.cuda.synchronize()
+        _sync(args.device)
         wall = time.perf_counter() - start
         got = {r["idx"]: (r["predict"], r["radius"], r["samples"]) for r in rows}
         if mode in answers and answers[mode] != got:
@@ -75,6 +78,12 @@ def measure(model: nn.Module, num_classes: int, sigma: float, images: list, args
                     "samples_per_image": drawn / len(rows), "wall_s": wall, "samples_per_s": drawn / wall,
                     "certified_acc_0.5": sum(r["correct"] and r["radius"] >= 0.5 for r in rows) / len(rows)})
     return out
+
+
+def _sync(device: torch.device) -> None:
+    """Wait for the device's queued work before reading the clock (the CPU needs nothing)."""
+    if device.type != "cpu":
+        torch.accelerator.synchronize(device)
 
 
 def table(results: list[dict]) -> str:
@@ -107,43 +116,12 @@ def digits_run(args) -> tuple[nn.Module, int, float, list]:
     return model.to(args.device), int(info.num_classes), float(info.sigma), images
 
 
-class BasicBlock(nn.Module):
-    """The CIFAR ResNet block of Cohen et al.'s code (3x3 conv, BN, ReLU, 3x3 conv, BN, shortcut)."""
-
-    def __init__(self, cin: int, cout: int, stride: int):
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.downsample = None
-        if stride != 1 or cin != cout:
-            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-
-    def forward(self, x):
-        out = torch.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return torch.relu(out + (x if self.downsample is None else self.downsample(x)))
-
-
-def cifar_resnet(depth: int = 110, num_classes: int = 10) -> nn.Module:
-    """The 6n+2 BasicBlock ResNet (16/32/64 channels), the size of Cohen et al.'s ResNet-110."""
-    n = (depth - 2) // 6
-    layers, cin = [nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU()], 16
-    for cout, stride in ((16, 1), (32, 2), (64, 2)):
-        for i in range(n):
-            layers.append(BasicBlock(cin, cout, stride if i == 0 else 1))
-            cin = cout
-    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, num_classes)]
-    return nn.Sequential(*layers)
-
-
 def random_images(count: int, shape: tuple[int, ...], num_classes: int) -> list:
     g = torch.Generator().manual_seed(0)
     return [(torch.rand(shape, generator=g), int(torch.randint(num_classes, (1,), generator=g))) for _ in range(count)]
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--run", default=str(ROOT / "outputs" / "bench_pool" / "base"))
     p.add_argument("--resnet110", action="store_true", help="a ResNet-110-size CIFAR network (random weights)")
@@ -156,20 +134,25 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--alpha", type=float, default=0.001)
     p.add_argument("--batch-size", type=int, default=1000)
     p.add_argument("--precision", default="fp32")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="auto", help="auto (the first GPU, else the CPU), cpu, cuda:N, ...")
     p.add_argument("--out", help="append the JSON lines to this file")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = parse_args(argv)
+    args.device = resolve_device(args.device)
     torch.manual_seed(0)
     if args.smoke:
         model, num_classes, sigma = nn.Sequential(nn.Flatten(), nn.Linear(4, 3)), 3, 0.5
         images = random_images(args.images, (1, 2, 2), 3)
     elif args.resnet110:
-        model, num_classes, sigma = cifar_resnet(110), 10, 0.25
+        model, num_classes, sigma = CifarResNet(110), 10, 0.25
         images = random_images(args.images, (3, 32, 32), 10)
     else:
         model, num_classes, sigma, images = digits_run(args)
     results = measure(model.to(args.device).eval(), num_classes, sigma, images, args)
-    device = torch.cuda.get_device_name() if args.device == "cuda" else args.device
+    device = torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else str(args.device)
     print(f"{device}, sigma={sigma}, n0={args.n0}, n_max={args.n_max}, batch {args.batch_size}, "
           f"{len(images)} images, {args.precision}", file=sys.stderr)
     print(table(results), file=sys.stderr)

@@ -69,9 +69,27 @@ def test_pool_benchmark_smoke_run_checks_rows_and_reports_fill(capsys):
     assert "| sequential | pool |" in capsys.readouterr().err
 
 
-def test_the_gpu_benchmark_network_has_resnet110s_size():
+def test_the_gpu_benchmark_network_is_model_rs_resnet110():
     import torch
 
-    net = load_pool_script().cifar_resnet(110)
+    from peftsmooth.models.rs import CifarResNet
+
+    assert load_pool_script().CifarResNet is CifarResNet  # the network of model=rs model.arch=cifar_resnet110
+    net = CifarResNet(110)
     assert sum(p.numel() for p in net.parameters()) == pytest.approx(1.73e6, rel=0.02)
     assert net(torch.rand(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_flops_count_the_attention_matmuls_on_every_device():
+    """A fused attention kernel that flop_counter has no formula for (the CPU's) is counted as its two
+    matmuls: 2 x 2 L^2 D FLOPs per sample for L tokens of width D."""
+    import torch
+
+    class Attention(torch.nn.Module):
+        def forward(self, x):  # x: (batch, L, D)
+            q = x.unsqueeze(1)
+            return torch.nn.functional.scaled_dot_product_attention(q, q, q).squeeze(1)
+
+    tokens, width = 7, 16
+    flops = load_script().flops_per_sample(Attention(), [tokens, width], torch.device("cpu"))
+    assert flops == 2 * 2 * tokens**2 * width
