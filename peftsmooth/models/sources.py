@@ -50,7 +50,8 @@ def build_classifier(model_cfg, num_classes: int, image_size) -> BaseClassifier:
 
 def wrap(backbone: nn.Module, source: Source, model_cfg) -> BaseClassifier:
     p = source.preprocess(backbone, model_cfg)
-    return BaseClassifier(backbone, p.input_size, p.mean, p.std, p.in_chans)
+    return BaseClassifier(backbone, p.input_size, p.mean, p.std, p.in_chans, resample=p.resample,
+                          antialias=p.antialias, flip_channels=p.flip_channels)
 
 
 _TREES: dict[str, BaseClassifier | None] = {}
