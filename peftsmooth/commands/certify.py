@@ -47,7 +47,7 @@ def check_certify(cfg) -> Settings:
     sigma_train = read_run_info(cfg.run).sigma if cfg.get("run") else None
     certify_sigma(cfg.get("sigma"), sigma_train)
     if not cfg.get("run"):
-        check_model_config(cfg.model)
+        check_model_config(cfg.model, cfg.dataset.image_size)
     return settings
 
 

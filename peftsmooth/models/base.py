@@ -61,6 +61,10 @@ class Source:
     def preprocess(self, backbone: nn.Module, model_cfg) -> Preprocess:
         raise NotImplementedError
 
+    def input_channels(self, model_cfg) -> int | None:
+        """The model's number of input channels where the config alone tells it (None: known once built)."""
+        return None
+
     def load_checkpoint(self, backbone: nn.Module, model_cfg, num_classes: int) -> None:
         """`model.checkpoint`: the backbone's state dict as `peftsmooth train` keeps it (safetensors)."""
         from peftsmooth.models.weights import load_into, load_state_dict_file

@@ -60,12 +60,13 @@ class PythonSource(Source):
     def check(self, model_cfg) -> None:
         check_files(model_cfg)
         factory(model_cfg.get("factory"))
+        channels = self.input_channels(model_cfg)
         if model_cfg.get("normalize", True):
             for key in ("mean", "std"):
                 values = model_cfg.get(key)
-                if values is None or len(values) not in (1, 3) or not all(isinstance(v, (int, float)) for v in values):
-                    raise UserError(f"model.{key}={values} must be 1 or 3 numbers (or model.normalize=false when "
-                                    f"the module normalizes itself)")
+                if values is None or len(values) not in (1, channels) or not all(isinstance(v, (int, float)) for v in values):
+                    raise UserError(f"model.{key}={values} must be 1 or model.in_chans={channels} numbers (or "
+                                    f"model.normalize=false when the module normalizes itself)")
             if any(float(s) <= 0 for s in model_cfg.std):
                 raise UserError(f"model.std={list(model_cfg.std)} must be > 0")
         size = model_cfg.get("input_size")
@@ -86,11 +87,23 @@ class PythonSource(Source):
         return module
 
     def preprocess(self, backbone: nn.Module, model_cfg) -> Preprocess:
-        size = square(model_cfg.input_size)
+        size, channels = square(model_cfg.input_size), self.input_channels(model_cfg)
         if not model_cfg.get("normalize", True):
-            return Preprocess(size, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
-        mean, std = tuple(model_cfg.get("mean") or IMAGENET_MEAN), tuple(model_cfg.get("std") or IMAGENET_STD)
-        return Preprocess(size, mean, std, int(model_cfg.get("in_chans") or 3))
+            return Preprocess(size, (0.0,) * channels, (1.0,) * channels, channels)
+        mean, std = model_cfg.get("mean") or IMAGENET_MEAN, model_cfg.get("std") or IMAGENET_STD
+        return Preprocess(size, per_channel(mean, channels), per_channel(std, channels), channels)
+
+    def input_channels(self, model_cfg) -> int:
+        channels = model_cfg.get("in_chans") or 3
+        if not (isinstance(channels, int) and channels >= 1):
+            raise UserError(f"model.in_chans={channels} must be an integer >= 1 (the module's input channels)")
+        return channels
 
     def label(self, model_cfg) -> str:
         return str(model_cfg.get("factory")).rpartition(":")[2]
+
+
+def per_channel(values, channels: int) -> tuple[float, ...]:
+    """One value per channel (a single value is repeated)."""
+    values = tuple(float(v) for v in values)
+    return values * channels if len(values) == 1 else values
