@@ -39,16 +39,37 @@ log = logging.getLogger(__name__)
 
 def check_certify(cfg) -> Settings:
     """Every check certify makes before a model, data or the network: certify.*, sigma (> 0: there is
-    no smoothing at 0), the run's run.json or the model's name and weight files."""
+    no smoothing at 0), the run's run.json and its model's code and files (with the overrides of a run
+    that moved), or the model's name and weight files."""
     from peftsmooth.models import check_model_config
     from peftsmooth.runs import read_run_info
 
     settings = Settings.from_config(cfg.certify)
-    sigma_train = read_run_info(cfg.run).sigma if cfg.get("run") else None
-    certify_sigma(cfg.get("sigma"), sigma_train)
-    if not cfg.get("run"):
+    info = read_run_info(cfg.run) if cfg.get("run") else None
+    certify_sigma(cfg.get("sigma"), info.sigma if info else None)
+    if info is None:
         check_model_config(cfg.model, cfg.dataset.image_size)
+    else:
+        check_run_model(cfg, info)
     return settings
+
+
+def check_run_model(cfg, info) -> None:
+    """A run's model can be built here: its code importable and its files present, with the
+    `model.factory=/model.weights=/model.checkpoint=` overrides of a run that moved."""
+    from omegaconf import OmegaConf
+
+    from peftsmooth.certify.classifier import model_overrides
+    from peftsmooth.models import check_model_config
+    from peftsmooth.runs import run_model_config
+
+    overrides = model_overrides(cfg)
+    try:
+        check_model_config(OmegaConf.create(run_model_config(cfg.run, info, overrides)))
+    except UserError as err:
+        hint = "" if overrides else (" (run=" + str(cfg.run) + " moved? give model.factory=, model.weights= or "
+                                     "model.checkpoint= where they are now)")
+        raise UserError(f"{err}{hint}") from None
 
 
 def run_certify(cfg) -> dict:
@@ -99,7 +120,7 @@ def run_certify(cfg) -> dict:
     with CertifyProgress(len(indices), rows, show=dist.is_main) as progress:
         certify_into(out, certify_rows(g, dataset, todo, s, int(cfg.seed), batch_size), on_row=progress)
     session = {"forward_calls": g.forward_calls, "samples_drawn": g.samples_drawn,
-               "batch_capacity": g.forward_calls * batch_size, "wall_seconds": time.perf_counter() - start}
+               "batch_capacity": g.batch_capacity, "wall_seconds": time.perf_counter() - start}
     summary = results.write_results(out, results.read_tsv(out / results.TSV_FILE), s.radius_grid, **meta,
                                     **results.throughput(earlier, session))
     if g.max_batch:

@@ -61,6 +61,10 @@ class Source:
     def preprocess(self, backbone: nn.Module, model_cfg) -> Preprocess:
         raise NotImplementedError
 
+    def make_portable(self, model_cfg) -> None:
+        """Turn what the config finds relative to the working directory (files, code) into absolute
+        places, so that a run rebuilds from any directory (model_cfg is changed in place)."""
+
     def input_channels(self, model_cfg) -> int | None:
         """The model's number of input channels where the config alone tells it (None: known once built)."""
         return None

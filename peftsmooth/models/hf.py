@@ -86,6 +86,11 @@ class HFSource(Source):
             return Preprocess(square(size), IMAGENET_MEAN[:channels], IMAGENET_STD[:channels], channels)
         return processor_preprocess(processor, channels, model_cfg.get("input_size"), name)
 
+    def make_portable(self, model_cfg) -> None:
+        directory = local_dir(str(model_cfg.get("name") or ""))
+        if directory is not None:
+            model_cfg.name = str(directory.resolve())
+
     def label(self, model_cfg) -> str:
         name = str(model_cfg.get("name"))
         return Path(name).name if local_dir(name) else name

@@ -67,6 +67,18 @@ def check_channels(in_chans: int | None, image_size) -> None:
                         f"a model with {channels}")
 
 
+def make_portable(model_cfg) -> None:
+    """Record where the model's files and code are (absolute paths; a `model=python` factory's import
+    root), so that a run rebuilds from any working directory (model_cfg is changed in place)."""
+    from pathlib import Path
+
+    for key in ("weights", "checkpoint"):
+        value = model_cfg.get(key)
+        if value and Path(str(value)).expanduser().is_file():
+            model_cfg[key] = str(Path(str(value)).expanduser().resolve())
+    source_of(model_cfg).make_portable(model_cfg)
+
+
 def wrap(backbone: nn.Module, source: Source, model_cfg) -> BaseClassifier:
     p = source.preprocess(backbone, model_cfg)
     return BaseClassifier(backbone, p.input_size, p.mean, p.std, p.in_chans, resample=p.resample,
