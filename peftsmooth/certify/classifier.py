@@ -10,7 +10,7 @@ import torch.nn as nn
 from omegaconf import OmegaConf
 
 from peftsmooth.config import hydra_choice
-from peftsmooth.errors import require
+from peftsmooth.errors import UserError, require
 from peftsmooth.runtime import freeze
 
 
@@ -51,6 +51,23 @@ def model_overrides(cfg) -> dict:
 
     given = {key for key in _overridden_keys("model")}
     return {key: cfg.model.get(key) for key in MOVABLE_MODEL_KEYS if key in given}
+
+
+def check_run_model(cfg, info) -> None:
+    """A run's model can be built here: its code importable and its files present, with the
+    `model.factory=/model.weights=/model.checkpoint=` overrides of a run that moved."""
+    from omegaconf import OmegaConf
+
+    from peftsmooth.models import check_model_config
+    from peftsmooth.runs import run_model_config
+
+    overrides = model_overrides(cfg)
+    try:
+        check_model_config(OmegaConf.create(run_model_config(cfg.run, info, overrides)))
+    except UserError as err:
+        hint = "" if overrides else (" (run=" + str(cfg.run) + " moved? give model.factory=, model.weights= or "
+                                     "model.checkpoint= where they are now)")
+        raise UserError(f"{err}{hint}") from None
 
 
 def certify_sigma(given, sigma_train) -> float:
