@@ -11,7 +11,9 @@ and `sequential` (sequential CERTIFY) are registered below as pool jobs (`job` a
 images in flight fill every forward pass (`peftsmooth.certify.pool`), and rows come in completion
 order. A new mode subclasses `Mode`, checks its own certify.* keys in `read_options`, returns either a
 job or the row fields from `certify_one` (image by image), and registers itself with `@register("name")`.
-Every row carries `samples`: the forward passes spent on the image, selection samples included.
+Every row carries `samples`: the noisy samples f classified for the image, selection samples included
+(a *sample* is one noisy copy x + e, one row of a forward pass; a *forward pass* is one call of f on
+a batch of up to certify.batch_size samples, possibly of several images).
 """
 
 from __future__ import annotations

@@ -189,7 +189,7 @@ class Smooth:
         :param radii: stop once certification at each of these radii is decided (stop="radii", the
             default unless max_radius_loss is given)
         :param max_radius_loss: stop once the radius can grow by at most this much up to n_max (stop="radius")
-        :return: (predicted class or ABSTAIN, certified radius, forward passes spent including n0)
+        :return: (predicted class or ABSTAIN, certified radius, noisy samples classified including the n0)
         """
         return smooth_certify_sequential(self, x, n0, n_max, alpha, batch_size, radii=radii,
                                          max_radius_loss=max_radius_loss, seed=seed, stop=stop, precision=precision)
