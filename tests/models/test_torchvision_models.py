@@ -114,3 +114,27 @@ def stem_input(model: nn.Module, stem: str, x: torch.Tensor) -> torch.Tensor:
         model(x)
     hook.remove()
     return seen[0]
+
+
+def test_a_weights_file_with_another_head_and_a_checkpoint_of_a_pretrained_run(tmp_path):
+    """squeezenet (a Conv2d head) from a file saved with 10 classes, for 7; then googlenet trained from
+    pretrained weights (transform_input=True) rebuilt from its checkpoint: the same logits."""
+    from peftsmooth.models import save_state_dict_file
+
+    torch.manual_seed(0)
+    theirs = torchvision.models.squeezenet1_1(num_classes=10)
+    torch.save(theirs.state_dict(), tmp_path / "sq.pth")
+    clf = build_classifier(OmegaConf.create({"source": "torchvision", "name": "squeezenet1_1",
+                                             "weights": str(tmp_path / "sq.pth")}), 7, [3, 32, 32])
+    assert clf.backbone.classifier[1].out_channels == 7
+    assert torch.equal(clf.backbone.features[0].weight, theirs.features[0].weight)
+    own_weights_file("googlenet", tmp_path / "g.pth")
+    cfg = {"source": "torchvision", "name": "googlenet", "weights": str(tmp_path / "g.pth")}
+    trained = build_classifier(OmegaConf.create(cfg), 10, [3, 32, 32]).eval()
+    save_state_dict_file(trained.backbone.state_dict(), tmp_path / "model.safetensors")
+    again = build_classifier(OmegaConf.create(cfg | {"checkpoint": str(tmp_path / "model.safetensors")}), 10,
+                             [3, 32, 32]).eval()
+    assert again.backbone.transform_input
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), trained(x))
