@@ -1,12 +1,16 @@
 """model=torchvision: every classification model of torchvision built as torchvision builds it for its
-pretrained weights, from a weights file (no download), with a 10-class head.
+pretrained weights, from a weights file (no download), with a 10-class head, and one forward pass
+from a 32x32 native image.
 
 The weights file holds the model's own state dict: the one torchvision's builder loads for its DEFAULT
 weights (captured from the builder itself, so googlenet / inception_v3 keep their auxiliary heads and
-a ViT its weights' image size). Models above SMALL parameters do the build and head check with their
-parameters on the meta device: their random init and a weights file of their size would cost seconds
-each (vgg, vit_h_14: 130-630 M parameters), and the build path they check is the same code; every
-other model runs one forward pass from a 32x32 native image."""
+a ViT its weights' image size). The 14 models of at most SMALL parameters (squeezenet, shufflenet,
+mnasnet, mobilenet, efficientnet_b0, regnet_*_400mf) are built for real, from a saved file, and run
+their forward pass on real numbers. The other 66 (resnet50, vgg*, vit_*, convnext_*, regnet_y_128gf,
+...: 6-630 M parameters) do the same build, load and head check with their parameters on the meta
+device, and their forward pass on meta tensors (shapes only): a random init, a weights file and a
+real forward at their size cost seconds each, which 66 times over would take minutes, and the code
+they check is the same code."""
 
 from __future__ import annotations
 
@@ -81,7 +85,9 @@ def test_every_torchvision_model_builds_from_a_weights_file_with_a_fresh_head(tm
         (tmp_path / "w.pth").touch()  # nothing written: the state below stands for its contents
         monkeypatch.setattr(TorchvisionSource, "_weights_state", staticmethod(lambda *_: empty))
         with init_empty_weights():
-            clf = build_classifier(cfg, 10, [3, 32, 32])
+            clf = build_classifier(cfg, 10, [3, 32, 32]).eval().to("meta")
+        with torch.no_grad():  # shapes only: a 32x32 native image through f to 10 logits
+            assert clf(torch.empty(1, 3, 32, 32, device="meta")).shape == (1, 10)
     head = clf.backbone.get_submodule(head_name(clf.backbone))
     assert (head.out_features if isinstance(head, nn.Linear) else head.out_channels) == 10
     modules = dict(clf.backbone.named_modules())
