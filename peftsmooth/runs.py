@@ -191,8 +191,32 @@ def write_run_info(run_dir: str | Path, **values: Any) -> RunInfo:
     return RunInfo.from_fields(**values).write(run_dir)
 
 
-def load_run(run_dir: str | Path) -> tuple[nn.Module, RunInfo]:
-    """Rebuild the classifier a run produced, on the CPU, in eval mode, with its `run.json`."""
+MOVABLE_MODEL_KEYS = ("factory", "weights", "checkpoint")  # what `certify run=... model.KEY=` may override
+
+
+def run_model_config(run_dir: str | Path, info: RunInfo, overrides: dict | None = None) -> dict:
+    """The model config that rebuilds the run: run.json's, with `overrides` (the code or files of a
+    run that moved, see MOVABLE_MODEL_KEYS); a recorded file that is gone but lies in the run
+    directory (a run moved as a whole) is taken from there."""
+    model = dict(info.model)
+    for key, value in (overrides or {}).items():
+        if key not in MOVABLE_MODEL_KEYS:
+            raise UserError(f"model.{key} cannot be overridden with run= (allowed: "
+                            f"{', '.join('model.' + k for k in MOVABLE_MODEL_KEYS)})")
+        model[key] = value
+        if key == "factory":
+            model.pop("factory_path", None)  # the new code is found where the user says
+    checkpoint = model.get("checkpoint")
+    if checkpoint and not (overrides or {}).get("checkpoint") and not Path(str(checkpoint)).expanduser().is_file():
+        beside = Path(str(run_dir)).expanduser() / Path(str(checkpoint)).name
+        if beside.is_file():
+            model["checkpoint"] = str(beside.resolve())
+    return model
+
+
+def load_run(run_dir: str | Path, model_overrides: dict | None = None) -> tuple[nn.Module, RunInfo]:
+    """Rebuild the classifier a run produced, on the CPU, in eval mode, with its `run.json` (the model
+    config with `model_overrides`, see run_model_config; the run's weights must fit what they build)."""
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
@@ -200,12 +224,21 @@ def load_run(run_dir: str | Path) -> tuple[nn.Module, RunInfo]:
 
     run_dir = Path(str(run_dir)).expanduser().resolve()
     info = read_run_info(run_dir)
-    classifier = build_classifier(OmegaConf.create(info.model), int(info.num_classes), info.image_size)
-    if info.front:
-        classifier.front = instantiate(OmegaConf.create(info.front)).load(run_dir)
-    model: nn.Module = classifier
-    if info.adapt:
-        model = info.adaptation().load(classifier, run_dir)
+    model_cfg = OmegaConf.create(run_model_config(run_dir, info, model_overrides))
+    try:
+        classifier = build_classifier(model_cfg, int(info.num_classes), info.image_size)
+        if info.front:
+            classifier.front = instantiate(OmegaConf.create(info.front)).load(run_dir)
+        model: nn.Module = classifier
+        if info.adapt:
+            model = info.adaptation().load(classifier, run_dir)
+    except (UserError, RuntimeError, KeyError, ValueError) as err:  # the run's weights and the new code disagree
+        if not model_overrides:
+            raise
+        given = ", ".join(f"model.{k}={v}" for k, v in model_overrides.items())
+        detail = str(err).strip().splitlines()[0][:300] if isinstance(err, UserError) else \
+            f"{type(err).__name__}: {str(err).strip().splitlines()[0][:200]}"
+        raise UserError(f"run={run_dir} with {given}: the run's weights do not fit that model ({detail})") from None
     return freeze(model).eval(), info
 
 

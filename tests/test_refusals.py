@@ -59,6 +59,12 @@ REFUSED = [
     (["train", "model=hf", "model.name=./no/such/dir", "dataset=digits"], "no config.json there"),
     (["train", *TINY, "dataset=folder", "dataset.root=/no/such/folder"], "has no train/"),
     (["certify", *TINY, "dataset=folder", "sigma=0.25"], "dataset=folder needs dataset.root"),
+    (["train", "model=python", "model.factory=torch.nn:Identity", "model.input_size=8", "model.normalize=false",
+      "model.in_chans=1", "dataset=cifar10"], "images have 3 channels but the model takes 1"),
+    (["certify", "model=vit_tiny", "+model.kwargs.in_chans=1", "dataset=cifar10", "sigma=0.25"],
+     "images have 3 channels but the model takes 1"),
+    (["train", "model=python", "model.factory=torch.nn:Identity", "model.input_size=8", "model.in_chans=1",
+      "model.mean=[0.5,0.5,0.5]", "model.std=[0.2]", "dataset=digits"], "must be 1 or model.in_chans=1 numbers"),
 ]
 
 

@@ -10,7 +10,7 @@ import torch.nn as nn
 from omegaconf import OmegaConf
 
 from peftsmooth.config import hydra_choice
-from peftsmooth.errors import require
+from peftsmooth.errors import UserError, require
 from peftsmooth.runtime import freeze
 
 
@@ -21,7 +21,7 @@ def load_classifier(cfg) -> tuple[nn.Module, dict]:
     from peftsmooth.runs import load_run
 
     if cfg.get("run"):
-        model, info = load_run(cfg.run)
+        model, info = load_run(cfg.run, model_overrides(cfg))
         dataset = OmegaConf.create(info.get("dataset") or OmegaConf.to_container(cfg.dataset, resolve=True))
         if _overridden("dataset"):  # e.g. a dataset.root on this machine; must still be the same task
             dataset = cfg.dataset
@@ -42,6 +42,32 @@ def load_classifier(cfg) -> tuple[nn.Module, dict]:
     require(source["num_classes"] == int(dataset.num_classes),
             f"dataset.num_classes={dataset.num_classes} does not match the classifier's {source['num_classes']} classes")
     return model, source
+
+
+def model_overrides(cfg) -> dict:
+    """`certify run=... model.factory=/model.weights=/model.checkpoint=`: where the run's code and files
+    are on this machine (the keys given on the command line, with their values)."""
+    from peftsmooth.runs import MOVABLE_MODEL_KEYS
+
+    given = {key for key in _overridden_keys("model")}
+    return {key: cfg.model.get(key) for key in MOVABLE_MODEL_KEYS if key in given}
+
+
+def check_run_model(cfg, info) -> None:
+    """A run's model can be built here: its code importable and its files present, with the
+    `model.factory=/model.weights=/model.checkpoint=` overrides of a run that moved."""
+    from omegaconf import OmegaConf
+
+    from peftsmooth.models import check_model_config
+    from peftsmooth.runs import run_model_config
+
+    overrides = model_overrides(cfg)
+    try:
+        check_model_config(OmegaConf.create(run_model_config(cfg.run, info, overrides)))
+    except UserError as err:
+        hint = "" if overrides else (" (run=" + str(cfg.run) + " moved? give model.factory=, model.weights= or "
+                                     "model.checkpoint= where they are now)")
+        raise UserError(f"{err}{hint}") from None
 
 
 def certify_sigma(given, sigma_train) -> float:
@@ -76,6 +102,18 @@ def prepare_for_certify(model: nn.Module, device: torch.device, *, merge_adapter
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model, merged
+
+
+def _overridden_keys(group: str) -> list[str]:
+    """The keys of `group` the command line sets (`model.factory=...` -> factory)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        task = list(HydraConfig.get().overrides.task)
+    except Exception:  # noqa: BLE001 - outside a Hydra job nothing is overridden
+        return []
+    names = [o.lstrip("+~").split("=")[0] for o in task]
+    return [n.split(".", 1)[1] for n in names if n.startswith(group + ".")]
 
 
 def _overridden(group: str) -> bool:

@@ -11,7 +11,9 @@ and `sequential` (sequential CERTIFY) are registered below as pool jobs (`job` a
 images in flight fill every forward pass (`peftsmooth.certify.pool`), and rows come in completion
 order. A new mode subclasses `Mode`, checks its own certify.* keys in `read_options`, returns either a
 job or the row fields from `certify_one` (image by image), and registers itself with `@register("name")`.
-Every row carries `samples`: the forward passes spent on the image, selection samples included.
+Every row carries `samples`: the noisy samples f classified for the image, selection samples included
+(a *sample* is one noisy copy x + e, one row of a forward pass; a *forward pass* is one call of f on
+a batch of up to certify.batch_size samples, possibly of several images).
 """
 
 from __future__ import annotations
@@ -182,6 +184,8 @@ class Settings:
     pack: bool
     radius_grid: list[float]
     pool_size: int | None = None  # most images in flight (None: as many as fill a batch)
+    preflight: int = 100  # images of the preflight check (0: none; peftsmooth.certify.preflight)
+    preflight_min_acc: float | None = None  # refuse below this clean accuracy (None: only warn)
     options: dict[str, Any] = field(default_factory=dict)  # the mode's own keys (Mode.read_options)
 
     @classmethod
@@ -202,8 +206,8 @@ class Settings:
                    compile=bool(c.compile), compile_mode=str(c.get("compile_mode", "default")),
                    channels_last=bool(c.channels_last), merge_adapters=bool(c.merge_adapters),
                    pack=bool(c.get("pack", True)), radius_grid=[float(r) for r in grid],
-                   pool_size=c.get("pool_size"),
-                   options=options)
+                   pool_size=c.get("pool_size"), preflight=int(c.get("preflight", 100)),
+                   preflight_min_acc=c.get("preflight_min_acc"), options=options)
 
     @property
     def engine_mode(self) -> Mode:
@@ -236,6 +240,11 @@ def _check_numbers(c) -> None:
     require(pool is None or _is_int(pool, 1), f"certify.pool_size={pool} must be an integer >= 1 or null "
                                               f"(null: as many images in flight as fill a batch)")
     require(c.get("max") is None or _is_int(c.get("max"), 1), f"certify.max={c.get('max')} must be null or an integer >= 1")
+    require(_is_int(c.get("preflight", 100), 0), f"certify.preflight={c.get('preflight')} must be an integer >= 0 "
+                                                 f"(images of the preflight check; 0 turns it off)")
+    low = c.get("preflight_min_acc")
+    require(low is None or (isinstance(low, (int, float)) and not isinstance(low, bool) and 0 <= low <= 1),
+            f"certify.preflight_min_acc={low} must be null or a clean accuracy in [0, 1]")
     require(_is_int(c.get("num_shards"), 1), f"certify.num_shards={c.get('num_shards')} must be an integer >= 1")
     require(_is_int(c.get("shard"), 0) and c.get("shard") < c.get("num_shards"),
             f"certify.shard={c.get('shard')} must be an integer in [0, certify.num_shards={c.get('num_shards')})")

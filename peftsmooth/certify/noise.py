@@ -28,7 +28,8 @@ from peftsmooth.runtime import hash_seed
 NOISE_BLOCK = 128  # samples per independently seeded noise block
 NOISE_SCHEME = "blocks-v2"  # recorded in every certification's identity: a resume never mixes schemes
 SELECTION, ESTIMATION, PREDICTION = "selection", "estimation", "predict"
-PHASE_INDEX = {SELECTION: 0, ESTIMATION: 1, PREDICTION: 2}
+PREFLIGHT = "preflight"  # the preflight check's one noisy draw per image: no certificate reads this stream
+PHASE_INDEX = {SELECTION: 0, ESTIMATION: 1, PREDICTION: 2, PREFLIGHT: 3}  # 4 phases x 2^30 blocks fill 32 bits
 BLOCK_BITS = 30  # blocks per phase: 2^30 blocks of 128 samples, far beyond any n
 _MASK32 = 0xFFFFFFFF
 

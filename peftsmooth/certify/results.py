@@ -37,8 +37,8 @@ IDENTITY_KEYS = ("mode", "n0", "n", "alpha", "sigma", "seed", "precision", "data
 # Shards being merged must also share the image selection they split.
 SELECTION_KEYS = ("skip", "start", "max")
 # Counters of the forward passes, which the rows cannot tell: summed over the sessions of a resumed
-# certification and over merged shards. batch_fill = samples_drawn / batch_capacity (forward calls x
-# batch size); wall_seconds: the certification loop's wall time.
+# certification and over merged shards. batch_fill = samples_drawn / batch_capacity (the rows the
+# completed forward passes could hold); wall_seconds: the certification loop's wall time.
 THROUGHPUT_KEYS = ("forward_calls", "samples_drawn", "batch_capacity", "wall_seconds")
 # What summarize computes from the rows; every other key of a summary.json is metadata.
 METRIC_KEYS = frozenset({"acr", "certified_accuracy", "clean_accuracy", "abstain_rate", "num_images",

@@ -86,8 +86,9 @@ class Smooth:
         self.channels_last = bool(channels_last)
         self.pad_batches = bool(pad_batches)
         self.max_batch: int | None = None  # set by the first out-of-memory retry
-        self.forward_calls = 0  # forward passes of f so far (the warm-up of `compile` not included)
+        self.forward_calls = 0  # completed forward passes of f so far (the warm-up of `compile` not included)
         self.samples_drawn = 0  # noisy samples classified so far (padding rows not included)
+        self.batch_capacity = 0  # rows those passes could hold (the batch size, or less after out-of-memory)
 
     # --- the two algorithms -------------------------------------------------------------------
 
@@ -188,7 +189,7 @@ class Smooth:
         :param radii: stop once certification at each of these radii is decided (stop="radii", the
             default unless max_radius_loss is given)
         :param max_radius_loss: stop once the radius can grow by at most this much up to n_max (stop="radius")
-        :return: (predicted class or ABSTAIN, certified radius, forward passes spent including n0)
+        :return: (predicted class or ABSTAIN, certified radius, noisy samples classified including the n0)
         """
         return smooth_certify_sequential(self, x, n0, n_max, alpha, batch_size, radii=radii,
                                          max_radius_loss=max_radius_loss, seed=seed, stop=stop, precision=precision)
@@ -205,11 +206,11 @@ class Smooth:
             self.base_classifier = torch.compile(eager, mode=None if mode in (None, "default") else mode)
             self.pad_batches = True
             warm = torch.zeros(batch_size, *[int(s) for s in image_shape], device=self._device(None))
-            counters = self.forward_calls, self.samples_drawn
+            counters = self.forward_calls, self.samples_drawn, self.batch_capacity
             with torch.no_grad(), evaluating(eager):
                 for _ in range(2):
                     self._classify(warm, batch_size)
-            self.forward_calls, self.samples_drawn = counters  # the warm-up is not part of a certification
+            self.forward_calls, self.samples_drawn, self.batch_capacity = counters  # the warm-up is not certification
             return None
         except Exception as err:  # noqa: BLE001 - any compiler failure falls back to eager execution
             log.warning("torch.compile failed (%s: %s); certifying the eager model", type(err).__name__, err)
@@ -229,27 +230,42 @@ class Smooth:
         return counts
 
     def _classify(self, batch: torch.Tensor, batch_size: int) -> torch.Tensor:
-        """argmax f(batch), split into smaller forward passes after an out-of-memory error.
+        """argmax f(batch) in forward passes of at most `batch_size` rows, halved after an out-of-memory
+        error (`max_batch`) for this and every later batch.
 
-        Every row of `batch` is classified exactly once in the returned labels, so a retry neither
-        loses nor adds samples.
+        Every row of `batch` is classified exactly once in the returned labels: a failed pass is retried
+        with smaller ones and the passes that completed are kept, so a retry neither loses nor adds
+        samples, and the counters (`forward_calls`, `samples_drawn`, `batch_capacity`) see only
+        completed passes.
         """
-        while True:
+        labels, start = [], 0
+        while start < len(batch):
             limit = min(self.max_batch or batch_size, batch_size)
             try:
-                return torch.cat([self._forward(chunk, limit) for chunk in batch.split(limit)])
+                labels.append(self._forward(batch[start:start + limit], limit))
             except torch.OutOfMemoryError:
                 if limit <= 1:
                     raise
                 self.max_batch = (limit + 1) // 2
                 if batch.device.type == "cuda":
                     torch.cuda.empty_cache()
+                continue
+            start += len(labels[-1])
+        return labels[0] if len(labels) == 1 else torch.cat(labels)
 
     def _forward(self, chunk: torch.Tensor, full: int) -> torch.Tensor:
-        rows = len(chunk)
+        """argmax f(chunk) in one forward pass that could hold `full` rows; counted once it completed."""
+        labels = self.classify_uncounted(chunk, full)
         self.forward_calls += 1
-        self.samples_drawn += rows
-        if self.pad_batches and rows < full:
+        self.samples_drawn += len(chunk)
+        self.batch_capacity += full
+        return labels
+
+    def classify_uncounted(self, chunk: torch.Tensor, full: int | None = None) -> torch.Tensor:
+        """argmax f(chunk) in one forward pass as certification runs it (precision, memory format,
+        padding to `full` rows), outside the sample counters: for checks such as the preflight."""
+        rows = len(chunk)
+        if self.pad_batches and full is not None and rows < full:
             chunk = torch.cat([chunk, chunk.new_zeros((full - rows, *chunk.shape[1:]))])
         if self.channels_last and chunk.dim() == 4:
             chunk = chunk.contiguous(memory_format=torch.channels_last)

@@ -1,8 +1,9 @@
 """Cohen's certify.tsv: the one writer and the one parser of the project (certify resume, merge, report,
 import).
 
-The columns are Cohen's six, `idx label predict radius correct time`, then `samples` (forward passes
-spent on the image, selection samples included), so Cohen's own analysis (`pandas.read_csv(sep="\\t")`,
+The columns are Cohen's six, `idx label predict radius correct time`, then `samples` (the noisy
+samples f classified for the image, selection samples included; not forward passes, which carry
+up to certify.batch_size samples each), so Cohen's own analysis (`pandas.read_csv(sep="\\t")`,
 columns read by name) still reads the file. Rows are appended and fsync'd one image at a time, so a
 killed run loses at most the row it was writing; the parser drops that torn last line and refuses any
 other malformed line with a UserError naming the file and the line. `correct` is checked against
@@ -23,7 +24,7 @@ from peftsmooth.runtime import atomic_write_text
 
 TSV_FILE = "certify.tsv"
 HEADER = ("idx", "label", "predict", "radius", "correct", "time")  # Cohen's columns, always first
-SAMPLES = "samples"  # forward passes spent on the image (selection samples included)
+SAMPLES = "samples"  # noisy samples classified for the image (selection samples included)
 RADIUS_DECIMALS = 6  # radii are written rounded DOWN, so the file never claims more than was certified
 
 

@@ -27,8 +27,10 @@ import torch
 from omegaconf import OmegaConf
 
 from peftsmooth.certify import results
-from peftsmooth.certify.classifier import certify_sigma, check_num_classes, load_classifier, prepare_for_certify
+from peftsmooth.certify.classifier import certify_sigma, check_num_classes, check_run_model, load_classifier, \
+    prepare_for_certify
 from peftsmooth.certify.engine import Settings, certify_into, certify_rows, resume_rows, select_indices
+from peftsmooth.certify.preflight import preflight_check
 from peftsmooth.certify.smoothing import Smooth
 from peftsmooth.config import _remove_if_unstarted, hydra_app, output_dir
 from peftsmooth.distributed import DistInfo, barrier, broadcast_object, init_distributed, shutdown
@@ -39,15 +41,18 @@ log = logging.getLogger(__name__)
 
 def check_certify(cfg) -> Settings:
     """Every check certify makes before a model, data or the network: certify.*, sigma (> 0: there is
-    no smoothing at 0), the run's run.json or the model's name and weight files."""
+    no smoothing at 0), the run's run.json and its model's code and files (with the overrides of a run
+    that moved), or the model's name and weight files."""
     from peftsmooth.models import check_model_config
     from peftsmooth.runs import read_run_info
 
     settings = Settings.from_config(cfg.certify)
-    sigma_train = read_run_info(cfg.run).sigma if cfg.get("run") else None
-    certify_sigma(cfg.get("sigma"), sigma_train)
-    if not cfg.get("run"):
-        check_model_config(cfg.model)
+    info = read_run_info(cfg.run) if cfg.get("run") else None
+    certify_sigma(cfg.get("sigma"), info.sigma if info else None)
+    if info is None:
+        check_model_config(cfg.model, cfg.dataset.image_size)
+    else:
+        check_run_model(cfg, info)
     return settings
 
 
@@ -70,7 +75,6 @@ def run_certify(cfg) -> dict:
 
     base_dir = Path(broadcast_object(str(output_dir()), dist))  # rank 0's directory (timestamps may differ)
     out = base_dir / results.shard_dir_name(dist.rank, dist.world_size) if dist.world_size > 1 else base_dir
-    out.mkdir(parents=True, exist_ok=True)
     identity = {"mode": s.mode, **s.engine_mode.identity(s), "alpha": s.alpha, "sigma": sigma,
                 "seed": int(cfg.seed), "precision": s.precision, "dataset": str(dataset_cfg.name)}
     rows = resume_rows(out, identity, set(indices), resume=s.resume)  # checked before compiling or sampling
@@ -81,6 +85,9 @@ def run_certify(cfg) -> dict:
     g = Smooth(model, source["num_classes"], sigma, precision=s.precision, channels_last=s.channels_last)
     compile_error = g.compile(batch_size, dataset_cfg.image_size, mode=s.compile_mode) if s.compile else None
     seed_everything(int(cfg.seed))
+    preflight = preflight_check(g, dataset, indices, s.preflight, s.preflight_min_acc, int(cfg.seed), batch_size,
+                                show=dist.is_main)  # may refuse: before anything is written
+    out.mkdir(parents=True, exist_ok=True)
 
     meta = {**identity, "skip": s.skip, "start": s.start, "max": s.max,
             **{k: source[k] for k in ("run", "method", "model_name", "trainable_params", "total_params", "sigma_train")},
@@ -88,7 +95,7 @@ def run_certify(cfg) -> dict:
             "compile": s.compile and compile_error is None, "compile_error": compile_error,
             "compile_mode": s.compile_mode if s.compile else None, "channels_last": s.channels_last,
             "merged_adapters": merged, **({"quantized": source["quantized"]} if source.get("quantized") else {}),
-            "pack": s.pack, "num_planned": len(indices), "argv": " ".join(sys.argv),
+            "pack": s.pack, "num_planned": len(indices), "argv": " ".join(sys.argv), "preflight": preflight,
             **({"shard": s.shard, "num_shards": s.num_shards} if s.num_shards > 1 else {})}
     done = {r["idx"] for r in rows}
     todo = [i for i in indices if i not in done]
@@ -99,7 +106,7 @@ def run_certify(cfg) -> dict:
     with CertifyProgress(len(indices), rows, show=dist.is_main) as progress:
         certify_into(out, certify_rows(g, dataset, todo, s, int(cfg.seed), batch_size), on_row=progress)
     session = {"forward_calls": g.forward_calls, "samples_drawn": g.samples_drawn,
-               "batch_capacity": g.forward_calls * batch_size, "wall_seconds": time.perf_counter() - start}
+               "batch_capacity": g.batch_capacity, "wall_seconds": time.perf_counter() - start}
     summary = results.write_results(out, results.read_tsv(out / results.TSV_FILE), s.radius_grid, **meta,
                                     **results.throughput(earlier, session))
     if g.max_batch:

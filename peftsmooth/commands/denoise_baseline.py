@@ -107,7 +107,7 @@ def check_denoise_baseline(cfg) -> None:
         read_run_info(cfg.denoiser.init)
     check_resume(cfg.get("resume"), "denoise-baseline")
     if _base_info(cfg) is None:
-        check_model_config(cfg.model)
+        check_model_config(cfg.model, cfg.dataset.image_size)
 
 
 def run_denoise_baseline(cfg) -> dict:

@@ -79,7 +79,7 @@ def check_train(cfg) -> Checked:
     check_precision(settings, resolve_device(cfg.device))
     check_resume(cfg.get("resume"), "train")
     model_cfg, model_name, base = resolve_model(cfg)
-    check_model_config(model_cfg)
+    check_model_config(model_cfg, cfg.dataset.image_size)
     tree = module_tree(model_cfg, int(cfg.dataset.num_classes))
     if tree is not None:  # the method fits the model: its peft targets resolve, a ViT for prompts / adapters
         adapt.check(tree)

@@ -139,8 +139,7 @@ def with_front(classifier: nn.Module, front: nn.Module) -> nn.Module:
     base = next((m for m in classifier.modules() if isinstance(m, BaseClassifier)), None)
     if base is None:
         return nn.Sequential(front, classifier)
-    return BaseClassifier(base.backbone, base.input_size, base.mean.flatten().tolist(), base.std.flatten().tolist(),
-                          base.in_chans, front=front)
+    return BaseClassifier(base.backbone, front=front, **base.settings())
 
 
 class DenoisedClassifier(nn.Module):

@@ -6,5 +6,6 @@ torchvision, Hugging Face transformers (`hf`) and the user's own module (`python
 """
 
 from peftsmooth.models.classifier import BaseClassifier, classifier_name, count_parameters  # noqa: F401
-from peftsmooth.models.sources import SOURCES, build_classifier, check_model_config, model_label, module_tree  # noqa: F401
+from peftsmooth.models.sources import SOURCES, build_classifier, check_model_config, make_portable, model_label, \
+    module_tree  # noqa: F401
 from peftsmooth.models.weights import load_state_dict_file, save_state_dict_file  # noqa: F401

@@ -20,14 +20,29 @@ from peftsmooth.errors import UserError
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
+RESAMPLE_MODES = ("bilinear", "bicubic")
+
+
 @dataclass(frozen=True)
 class Preprocess:
-    """What BaseClassifier does before the backbone: resize to input_size, then (x - mean) / std."""
+    """What BaseClassifier does before the backbone: resize to input_size (`resample`, antialiased as
+    the library's own resize where `antialias`), then (x - mean) / std, then RGB -> BGR where
+    `flip_channels` (a transformers processor's `do_flip_channel_order`)."""
 
     input_size: int
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
     in_chans: int = 3
+    resample: str = "bilinear"
+    antialias: bool = False
+    flip_channels: bool = False
+
+    def __post_init__(self):
+        if len(self.mean) != self.in_chans or len(self.std) != self.in_chans:
+            raise UserError(f"the model takes {self.in_chans} channel(s) but its mean {list(self.mean)} and std "
+                            f"{list(self.std)} have {len(self.mean)} and {len(self.std)}: give one value per channel")
+        if self.resample not in RESAMPLE_MODES:
+            raise UserError(f"resample={self.resample} is not supported inside f (choose from: bilinear, bicubic)")
 
 
 class Source:
@@ -45,6 +60,14 @@ class Source:
 
     def preprocess(self, backbone: nn.Module, model_cfg) -> Preprocess:
         raise NotImplementedError
+
+    def make_portable(self, model_cfg) -> None:
+        """Turn what the config finds relative to the working directory (files, code) into absolute
+        places, so that a run rebuilds from any directory (model_cfg is changed in place)."""
+
+    def input_channels(self, model_cfg) -> int | None:
+        """The model's number of input channels where the config alone tells it (None: known once built)."""
+        return None
 
     def load_checkpoint(self, backbone: nn.Module, model_cfg, num_classes: int) -> None:
         """`model.checkpoint`: the backbone's state dict as `peftsmooth train` keeps it (safetensors)."""

@@ -20,12 +20,14 @@ class BaseClassifier(nn.Module):
     transformers model's output object is read for its `.logits`)."""
 
     def __init__(self, backbone: nn.Module, input_size: int, mean, std, in_chans: int = 3,
-                 front: nn.Module | None = None):
+                 front: nn.Module | None = None, resample: str = "bilinear", antialias: bool = False,
+                 flip_channels: bool = False):
         super().__init__()
         self.front = front if front is not None else nn.Identity()
         self.backbone = backbone
         self.input_size = int(input_size)
         self.in_chans = int(in_chans)
+        self.resample, self.antialias, self.flip_channels = str(resample), bool(antialias), bool(flip_channels)
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
 
@@ -34,8 +36,16 @@ class BaseClassifier(nn.Module):
         if x.shape[1] == 1 and self.in_chans != 1:
             x = x.expand(-1, self.in_chans, -1, -1)
         if tuple(x.shape[-2:]) != (self.input_size, self.input_size):
-            x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False)
-        return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+            x = F.interpolate(x, size=(self.input_size, self.input_size), mode=self.resample, align_corners=False,
+                              antialias=self.antialias)
+        x = (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+        return x.flip(1) if self.flip_channels else x
+
+    def settings(self) -> dict:
+        """The preprocessing as BaseClassifier's keyword arguments (for a copy with another front)."""
+        return {"input_size": self.input_size, "mean": self.mean.flatten().tolist(), "std": self.std.flatten().tolist(),
+                "in_chans": self.in_chans, "resample": self.resample, "antialias": self.antialias,
+                "flip_channels": self.flip_channels}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.backbone(self.preprocess(self.front(x)))

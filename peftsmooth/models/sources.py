@@ -8,7 +8,7 @@ import json
 import torch
 import torch.nn as nn
 
-from peftsmooth.errors import choice_error
+from peftsmooth.errors import UserError, choice_error
 from peftsmooth.models.base import Source
 from peftsmooth.models.classifier import BaseClassifier
 from peftsmooth.models.hf import HFSource
@@ -29,9 +29,13 @@ def source_of(model_cfg) -> Source:
     return SOURCES[name]
 
 
-def check_model_config(model_cfg) -> None:
-    """The model's source, name and local files, checked before anything is built or fetched."""
-    source_of(model_cfg).check(model_cfg)
+def check_model_config(model_cfg, image_size=None) -> None:
+    """The model's source, name and local files (and, given the dataset's image size, that its
+    channels fit the model's where the config tells them), checked before anything is built or fetched."""
+    source = source_of(model_cfg)
+    source.check(model_cfg)
+    if image_size is not None:
+        check_channels(source.input_channels(model_cfg), image_size)
 
 
 def build_classifier(model_cfg, num_classes: int, image_size) -> BaseClassifier:
@@ -42,15 +46,43 @@ def build_classifier(model_cfg, num_classes: int, image_size) -> BaseClassifier:
     """
     source = source_of(model_cfg)
     source.check(model_cfg)
+    if image_size is not None:
+        check_channels(source.input_channels(model_cfg), image_size)
     backbone = source.create(model_cfg, int(num_classes))
     if model_cfg.get("checkpoint"):
         source.load_checkpoint(backbone, model_cfg, int(num_classes))
-    return wrap(backbone, source, model_cfg)
+    classifier = wrap(backbone, source, model_cfg)
+    if image_size is not None:
+        check_channels(classifier.in_chans, image_size)
+    return classifier
+
+
+def check_channels(in_chans: int | None, image_size) -> None:
+    """Grayscale images go into a model of any number of channels (repeated); otherwise the dataset's
+    channels must be the model's."""
+    channels = int(list(image_size)[0])
+    if in_chans is not None and channels != 1 and channels != int(in_chans):
+        raise UserError(f"the dataset's images have {channels} channels but the model takes {in_chans} "
+                        f"(model.in_chans / model.kwargs.in_chans): choose a dataset with {in_chans} channel(s) or "
+                        f"a model with {channels}")
+
+
+def make_portable(model_cfg) -> None:
+    """Record where the model's files and code are (absolute paths; a `model=python` factory's import
+    root), so that a run rebuilds from any working directory (model_cfg is changed in place)."""
+    from pathlib import Path
+
+    for key in ("weights", "checkpoint"):
+        value = model_cfg.get(key)
+        if value and Path(str(value)).expanduser().is_file():
+            model_cfg[key] = str(Path(str(value)).expanduser().resolve())
+    source_of(model_cfg).make_portable(model_cfg)
 
 
 def wrap(backbone: nn.Module, source: Source, model_cfg) -> BaseClassifier:
     p = source.preprocess(backbone, model_cfg)
-    return BaseClassifier(backbone, p.input_size, p.mean, p.std, p.in_chans)
+    return BaseClassifier(backbone, p.input_size, p.mean, p.std, p.in_chans, resample=p.resample,
+                          antialias=p.antialias, flip_channels=p.flip_channels)
 
 
 _TREES: dict[str, BaseClassifier | None] = {}

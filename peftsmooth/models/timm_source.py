@@ -66,5 +66,22 @@ class TimmSource(Source):
         data_cfg = resolve_data_config(model=backbone)
         kwargs = model_cfg.get("kwargs") or {}
         input_size = kwargs.get("img_size") or model_cfg.get("input_size") or data_cfg["input_size"][-1]
-        return Preprocess(int(input_size), tuple(data_cfg["mean"]), tuple(data_cfg["std"]),
-                          int(kwargs.get("in_chans", 3)))
+        channels = self.input_channels(model_cfg)
+        return Preprocess(int(input_size), channel_stats(data_cfg["mean"], channels, model_cfg.name),
+                          channel_stats(data_cfg["std"], channels, model_cfg.name), channels)
+
+    def input_channels(self, model_cfg) -> int:
+        return int((model_cfg.get("kwargs") or {}).get("in_chans", 3))
+
+
+def channel_stats(values, channels: int, name) -> tuple[float, ...]:
+    """timm's mean or std for a model of `channels` inputs: as they are for 3 channels; their average
+    for one (the statistics of a grey image made of the three; timm's `adapt_input_conv` likewise sums
+    the pretrained RGB kernels into one)."""
+    values = tuple(float(v) for v in values)
+    if len(values) == channels:
+        return values
+    if channels == 1:
+        return (sum(values) / len(values),)
+    raise UserError(f"model.kwargs.in_chans={channels}: {name}'s data config has statistics for {len(values)} "
+                    f"channels only (use in_chans 1 or {len(values)})")

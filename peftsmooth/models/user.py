@@ -34,8 +34,10 @@ def _load_file(path: Path):
     return module
 
 
-def factory(spec: str) -> Callable[[int], nn.Module]:
-    """The function named by `<module>:<function>` (a UserError when it cannot be imported)."""
+def factory(spec: str, root: str | None = None) -> Callable[[int], nn.Module]:
+    """The function named by `<module>:<function>` (a UserError when it cannot be imported); a dotted
+    module is looked for in `root` (where a run found it, `model.factory_path`), the working
+    directory and the Python path."""
     module_name, sep, function = str(spec).partition(":")
     if not sep or not module_name or not function:
         raise UserError(f"model.factory={spec} must read <module>:<function> (e.g. mynets:build)")
@@ -43,8 +45,10 @@ def factory(spec: str) -> Callable[[int], nn.Module]:
         if module_name.endswith(".py"):
             module = _load_file(Path(module_name).expanduser().resolve())
         else:
-            if "" not in sys.path and str(Path.cwd()) not in sys.path:
-                sys.path.insert(0, str(Path.cwd()))
+            for place in (str(Path.cwd()), root):
+                if place and place not in sys.path and not (place == str(Path.cwd()) and "" in sys.path):
+                    sys.path.insert(0, place)
+            importlib.invalidate_caches()  # a module file may have come or gone since the last import
             module = importlib.import_module(module_name)
     except Exception as err:  # noqa: BLE001 - any failure to import the user's module is theirs to fix
         raise UserError(f"model.factory={spec}: cannot import {module_name} ({type(err).__name__}: {err})") from None
@@ -59,13 +63,14 @@ class PythonSource(Source):
 
     def check(self, model_cfg) -> None:
         check_files(model_cfg)
-        factory(model_cfg.get("factory"))
+        factory(model_cfg.get("factory"), model_cfg.get("factory_path"))
+        channels = self.input_channels(model_cfg)
         if model_cfg.get("normalize", True):
             for key in ("mean", "std"):
                 values = model_cfg.get(key)
-                if values is None or len(values) not in (1, 3) or not all(isinstance(v, (int, float)) for v in values):
-                    raise UserError(f"model.{key}={values} must be 1 or 3 numbers (or model.normalize=false when "
-                                    f"the module normalizes itself)")
+                if values is None or len(values) not in (1, channels) or not all(isinstance(v, (int, float)) for v in values):
+                    raise UserError(f"model.{key}={values} must be 1 or model.in_chans={channels} numbers (or "
+                                    f"model.normalize=false when the module normalizes itself)")
             if any(float(s) <= 0 for s in model_cfg.std):
                 raise UserError(f"model.std={list(model_cfg.std)} must be > 0")
         size = model_cfg.get("input_size")
@@ -75,7 +80,7 @@ class PythonSource(Source):
     def create(self, model_cfg, num_classes: int, weights: bool = True) -> nn.Module:
         spec = str(model_cfg.factory)
         try:
-            module = factory(spec)(num_classes)
+            module = factory(spec, model_cfg.get("factory_path"))(num_classes)
         except UserError:
             raise
         except Exception as err:  # noqa: BLE001 - the user's function failed
@@ -86,11 +91,34 @@ class PythonSource(Source):
         return module
 
     def preprocess(self, backbone: nn.Module, model_cfg) -> Preprocess:
-        size = square(model_cfg.input_size)
+        size, channels = square(model_cfg.input_size), self.input_channels(model_cfg)
         if not model_cfg.get("normalize", True):
-            return Preprocess(size, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
-        mean, std = tuple(model_cfg.get("mean") or IMAGENET_MEAN), tuple(model_cfg.get("std") or IMAGENET_STD)
-        return Preprocess(size, mean, std, int(model_cfg.get("in_chans") or 3))
+            return Preprocess(size, (0.0,) * channels, (1.0,) * channels, channels)
+        mean, std = model_cfg.get("mean") or IMAGENET_MEAN, model_cfg.get("std") or IMAGENET_STD
+        return Preprocess(size, per_channel(mean, channels), per_channel(std, channels), channels)
+
+    def make_portable(self, model_cfg) -> None:
+        """A `.py` factory by its absolute path; a dotted one with the directory it was imported from."""
+        module_name, _, function = str(model_cfg.factory).partition(":")
+        if module_name.endswith(".py"):
+            model_cfg.factory = f"{Path(module_name).expanduser().resolve()}:{function}"
+            return
+        file = getattr(sys.modules.get(module_name), "__file__", None)
+        if file:
+            depth = module_name.count(".") + (Path(file).name == "__init__.py")
+            model_cfg.factory_path = str(Path(file).resolve().parents[depth])
+
+    def input_channels(self, model_cfg) -> int:
+        channels = model_cfg.get("in_chans") or 3
+        if not (isinstance(channels, int) and channels >= 1):
+            raise UserError(f"model.in_chans={channels} must be an integer >= 1 (the module's input channels)")
+        return channels
 
     def label(self, model_cfg) -> str:
         return str(model_cfg.get("factory")).rpartition(":")[2]
+
+
+def per_channel(values, channels: int) -> tuple[float, ...]:
+    """One value per channel (a single value is repeated)."""
+    values = tuple(float(v) for v in values)
+    return values * channels if len(values) == 1 else values

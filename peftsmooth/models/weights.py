@@ -34,7 +34,20 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     for key in ("state_dict", "model"):
         if isinstance(state, Mapping) and key in state and isinstance(state[key], Mapping):
             state = state[key]
-    return dict(state)
+    return with_metadata(dict(state), state)
+
+
+def with_metadata(state: dict, source) -> dict:
+    """`state` with the `_metadata` (per-module versions) that `source`, a saved state dict, carries:
+    modules such as torchvision's MNASNet read their version from it while loading."""
+    metadata = getattr(source, "_metadata", None)
+    if metadata is None:
+        return state
+    from collections import OrderedDict
+
+    kept = OrderedDict(state)
+    kept._metadata = metadata
+    return kept
 
 
 def save_state_dict_file(state: Mapping[str, torch.Tensor], path: str | Path) -> None:

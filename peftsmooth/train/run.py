@@ -19,7 +19,7 @@ import torch.nn as nn
 from peftsmooth.config import output_dir
 from peftsmooth.distributed import DistInfo, broadcast_object, init_distributed, shutdown
 from peftsmooth.errors import require
-from peftsmooth.models import build_classifier, save_state_dict_file
+from peftsmooth.models import build_classifier, make_portable, save_state_dict_file
 from peftsmooth.runs import INIT_FILE, RUN_FILE, RunInfo, command_line, is_random_init, read_run_info
 from peftsmooth.train.loop import evaluation_record, preflight
 from peftsmooth.train.state import CHECKPOINT, resume_fingerprint
@@ -86,6 +86,7 @@ class Run:
         if reuse:
             model_cfg.checkpoint = str(kept)
         classifier = build_classifier(model_cfg, int(dataset_cfg.num_classes), list(dataset_cfg.image_size))
+        make_portable(model_cfg)  # run.json: rebuilt from any working directory
         if self.kept_init and not reuse:
             if self.dist_info.is_main:
                 save_state_dict_file(classifier.backbone.state_dict(), kept)

@@ -149,6 +149,24 @@ def test_out_of_memory_retry_counts_the_same_samples():
     assert g.max_batch <= 30 and max(rec.sizes) <= 30 and sum(rec.sizes) == 500
 
 
+def test_counters_after_out_of_memory_retries_count_completed_passes_only():
+    """forward_calls = completed passes, samples_drawn = rows classified once, batch_capacity = the rows
+    each completed pass could hold after the reduction (25 here, not the configured 100)."""
+    f = Linear2(W, 0.0)
+    xs = [point_at_distance(0.1), point_at_distance(-0.2)]
+    rec = Recorder(f, oom_above=30)
+    g = Smooth(rec, 2, 0.5)
+    list(g.certify_many(xs, [image_seed(0, 0), image_seed(0, 1)], 10, 120, 0.01, 100))
+    assert g.max_batch == 25 and g.samples_drawn == sum(rec.sizes) == 2 * (10 + 120)
+    # the first pass (both images' 2 x 10 selection samples) fitted in a batch of 100; the next failed
+    # at 100 and 50 rows, and from then on every pass could hold 25
+    assert rec.sizes[0] == 20 and g.forward_calls == len(rec.sizes) == 11
+    assert g.batch_capacity == 100 + 25 * 10 and g.samples_drawn / g.batch_capacity == pytest.approx(260 / 350)
+    plain = Smooth(Recorder(f), 2, 0.5)
+    list(plain.certify_many(xs, [image_seed(0, 0), image_seed(0, 1)], 10, 120, 0.01, 100))
+    assert (plain.forward_calls, plain.samples_drawn, plain.batch_capacity) == (4, 260, 400)  # 20, 100, 100, 40
+
+
 def test_batches_never_exceed_batch_size_and_padding_is_not_counted():
     rec = Recorder(Linear2(W, 0.0))
     x = point_at_distance(0.1)

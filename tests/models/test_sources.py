@@ -241,6 +241,31 @@ def test_a_users_module_from_a_file(user_module):
         build_classifier(python_cfg(f"{user_module}:missing"), 10, [1, 8, 8])
 
 
+def test_in_chans_is_honoured_with_statistics_of_matching_length(user_module, tmp_path):
+    """A 1-channel module gets 1 channel (model=python with and without normalize, timm's
+    kwargs.in_chans); grayscale data into a 3-channel model is still repeated."""
+    one = tmp_path / "onechannel.py"
+    one.write_text("import torch.nn as nn\n\ndef build(num_classes):\n    return nn.Sequential(nn.Conv2d(1, 4, 3), "
+                   "nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, num_classes))\n")
+    seen = []
+    for extra in ({"normalize": False, "mean": None, "std": None}, {"mean": [0.5], "std": [0.25]}):
+        clf = build_classifier(python_cfg(f"{one}:build", in_chans=1, **extra), 10, [1, 8, 8])
+        clf.backbone.register_forward_pre_hook(lambda _m, args: seen.append(args[0].shape[1]))
+        assert clf(torch.rand(2, 1, 8, 8)).shape == (2, 10) and clf.mean.numel() == 1
+    timm_cfg = OmegaConf.create({"source": "timm", "name": "vit_tiny_patch16_224", "pretrained": False, "input_size": 16,
+                                 "kwargs": {"img_size": 16, "patch_size": 4, "depth": 1, "embed_dim": 24, "num_heads": 2,
+                                            "in_chans": 1}})
+    clf = build_classifier(timm_cfg, 10, [1, 8, 8])
+    clf.backbone.register_forward_pre_hook(lambda _m, args: seen.append(args[0].shape[1]))
+    assert clf(torch.rand(2, 1, 8, 8)).shape == (2, 10) and clf.mean.flatten().tolist() == [pytest.approx(0.5)]
+    rgb = build_classifier(python_cfg(f"{user_module}:build"), 10, [1, 8, 8])
+    rgb.backbone.register_forward_pre_hook(lambda _m, args: seen.append(args[0].shape[1]))
+    rgb(torch.rand(2, 1, 8, 8))
+    assert seen == [1, 1, 1, 3]
+    with pytest.raises(UserError, match="images have 3 channels but the model takes 1"):
+        build_classifier(timm_cfg, 10, [3, 8, 8])
+
+
 # --- every source through the commands --------------------------------------------------------------
 
 
