@@ -28,7 +28,10 @@ from peftsmooth.runtime import hash_seed
 NOISE_BLOCK = 128  # samples per independently seeded noise block
 NOISE_SCHEME = "blocks-v2"  # recorded in every certification's identity: a resume never mixes schemes
 SELECTION, ESTIMATION, PREDICTION = "selection", "estimation", "predict"
-PHASE_INDEX = {SELECTION: 0, ESTIMATION: 1, PREDICTION: 2}
+# incremental certification's disagreement samples (f and f' on one noisy input): a phase no certificate
+# of a parent model uses (peftsmooth.certify.incremental)
+DISAGREEMENT = "disagreement"
+PHASE_INDEX = {SELECTION: 0, ESTIMATION: 1, PREDICTION: 2, DISAGREEMENT: 3}  # at most 4: phase << 30 < 2^32
 BLOCK_BITS = 30  # blocks per phase: 2^30 blocks of 128 samples, far beyond any n
 _MASK32 = 0xFFFFFFFF
 
