@@ -11,7 +11,7 @@ so f' is certified at R' = sigma * Phi^-1(pA_lower - zeta_upper) (when that boun
 on a near-zero proportion needs few samples: with no disagreement in m samples, zeta_upper is about
 ln(1/alpha_2) / m.
 
-Procedure (validity rule 8 in docs/architecture.md)
+Procedure (validity rule 9 in docs/architecture.md)
 ---------------------------------------------------
 - alpha_total = certify.alpha; alpha_1 = the parent's alpha; alpha_2 = alpha_total - alpha_1 (> 0).
 - Routing, before any sample of f' is drawn, from the parent's row, sigma, the radii, alpha and n_max

@@ -28,7 +28,8 @@ from omegaconf import OmegaConf
 
 from peftsmooth.certify import results
 from peftsmooth.certify.classifier import certify_sigma, check_num_classes, load_classifier, prepare_for_certify
-from peftsmooth.certify.engine import Settings, certify_into, certify_rows, resume_rows, select_indices
+from peftsmooth.certify.engine import Settings, certify_into, certify_rows, resume_rows, select_indices, session_counters
+from peftsmooth.certify.incremental_run import load_parent_model, pair_smooth, parent_meta
 from peftsmooth.certify.smoothing import Smooth
 from peftsmooth.config import _remove_if_unstarted, hydra_app, output_dir
 from peftsmooth.distributed import DistInfo, barrier, broadcast_object, init_distributed, shutdown
@@ -44,10 +45,12 @@ def check_certify(cfg) -> Settings:
     from peftsmooth.runs import read_run_info
 
     settings = Settings.from_config(cfg.certify)
-    sigma_train = read_run_info(cfg.run).sigma if cfg.get("run") else None
-    certify_sigma(cfg.get("sigma"), sigma_train)
+    info = read_run_info(cfg.run) if cfg.get("run") else None
+    sigma = certify_sigma(cfg.get("sigma"), info.sigma if info else None)
     if not cfg.get("run"):
         check_model_config(cfg.model)
+    dataset = (info.get("dataset") or {}).get("name") if info else None
+    settings.engine_mode.check_run(settings, sigma=sigma, dataset=str(dataset or cfg.dataset.name))
     return settings
 
 
@@ -67,6 +70,7 @@ def run_certify(cfg) -> dict:
     check_num_classes(model, source["num_classes"], dataset_cfg.image_size)
     dataset = build_dataset(dataset_cfg, split="test")
     indices = select_indices(len(dataset), s)
+    parent_model = load_parent_model(s.options.get("parent"), indices)  # certify=incremental's f, else None
 
     base_dir = Path(broadcast_object(str(output_dir()), dist))  # rank 0's directory (timestamps may differ)
     out = base_dir / results.shard_dir_name(dist.rank, dist.world_size) if dist.world_size > 1 else base_dir
@@ -79,6 +83,7 @@ def run_certify(cfg) -> dict:
                                         channels_last=s.channels_last)
     batch_size = s.batch_for(dist.device)
     g = Smooth(model, source["num_classes"], sigma, precision=s.precision, channels_last=s.channels_last)
+    g_pair = pair_smooth(parent_model, model, dist.device, s, sigma)  # f and f' on one batch, or None
     compile_error = g.compile(batch_size, dataset_cfg.image_size, mode=s.compile_mode) if s.compile else None
     seed_everything(int(cfg.seed))
 
@@ -89,7 +94,8 @@ def run_certify(cfg) -> dict:
             "compile_mode": s.compile_mode if s.compile else None, "channels_last": s.channels_last,
             "merged_adapters": merged, **({"quantized": source["quantized"]} if source.get("quantized") else {}),
             "pack": s.pack, "num_planned": len(indices), "argv": " ".join(sys.argv),
-            **({"shard": s.shard, "num_shards": s.num_shards} if s.num_shards > 1 else {})}
+            **({"shard": s.shard, "num_shards": s.num_shards} if s.num_shards > 1 else {}),
+            "alpha_total": s.alpha, **parent_meta(s.options.get("parent"), s.alpha)}
     done = {r["idx"] for r in rows}
     todo = [i for i in indices if i not in done]
     earlier = results.throughput(results.read_summary(out)) if rows else {}  # sessions that ran to the end
@@ -97,9 +103,9 @@ def run_certify(cfg) -> dict:
 
     start = time.perf_counter()
     with CertifyProgress(len(indices), rows, show=dist.is_main) as progress:
-        certify_into(out, certify_rows(g, dataset, todo, s, int(cfg.seed), batch_size), on_row=progress)
-    session = {"forward_calls": g.forward_calls, "samples_drawn": g.samples_drawn,
-               "batch_capacity": g.forward_calls * batch_size, "wall_seconds": time.perf_counter() - start}
+        certify_into(out, certify_rows(g, dataset, todo, s, int(cfg.seed), batch_size, companion=g_pair),
+                     on_row=progress)
+    session = session_counters([g, g_pair], batch_size, start)
     summary = results.write_results(out, results.read_tsv(out / results.TSV_FILE), s.radius_grid, **meta,
                                     **results.throughput(earlier, session))
     if g.max_batch:
