@@ -157,24 +157,36 @@ def target_threshold(p_lower: float, rule: RouteRule) -> float:
 
 
 def route_costs(p_lower: float, rule: RouteRule) -> tuple[float, float]:
-    """Expected classifier evaluations of (sequential CERTIFY of f', the disagreement test) to certify
-    the parent's largest certified grid radius, with pA' and zeta set to p_lower and the expected
-    disagreement: the first look whose bound would clear the threshold (inf when none would)."""
-    t = target_threshold(p_lower, rule)
-    seq, dis = rule.sequential_plan, rule.disagreement_plan
-    direct = _first_look(seq.looks, lambda n, a: clopper_pearson_lower(int(math.floor(p_lower * n)), n, a) >= t,
-                         seq.alphas)
-    zeta = rule.expected_disagreement
-    test = _first_look(dis.looks, lambda n, a: p_lower - clopper_pearson_upper(int(math.ceil(zeta * n)), n, a) >= t,
-                       dis.alphas)
-    return rule.n0 + direct, 2 * test
+    """Expected classifier evaluations of (sequential CERTIFY of f', the disagreement test), with pA' and
+    the hit rate set to p_lower and zeta to the expected disagreement (inf when a route cannot finish
+    before n_max). Sequential CERTIFY must decide every radius of the rule, those above pA' included
+    (the costly ones are the radii whose threshold lies just above pA'); the disagreement test only
+    decides the radii the parent certified, and stops once the largest of them is certified."""
+    return rule.n0 + _direct_looks(p_lower, rule), 2 * _test_looks(p_lower, rule)
 
 
-def _first_look(looks: Sequence[int], clears, alphas: Sequence[float]) -> float:
-    for n, a in zip(looks, alphas):
-        if clears(n, a):
-            return float(n)
-    return math.inf
+def _direct_looks(p: float, rule: RouteRule) -> float:
+    """The look at which sequential CERTIFY with hit rate p has decided every radius of the rule."""
+    plan = rule.sequential_plan
+    looks, n_max = np.asarray(plan.looks), plan.looks[-1]
+    hits = np.floor(p * looks).astype(np.int64)
+    lower = clopper_pearson_lower(hits, looks, np.asarray(plan.alphas))
+    upper = clopper_pearson_upper(hits, looks, np.asarray(plan.upper_alphas))
+    best = clopper_pearson_lower(hits + n_max - looks, np.full_like(looks, n_max), plan.alphas[-1])
+    worst = 0
+    for t in thresholds(tuple(rule.radii), rule.sigma):
+        decided = np.flatnonzero((lower >= t) | (upper < t) | (best < t))
+        worst = max(worst, int(decided[0]) if len(decided) else len(looks) - 1)
+    return float(looks[worst])
+
+
+def _test_looks(p_lower: float, rule: RouteRule) -> float:
+    """The first look at which the disagreement test, at the expected rate, certifies the target radius."""
+    plan, t, zeta = rule.disagreement_plan, target_threshold(p_lower, rule), rule.expected_disagreement
+    looks = np.asarray(plan.looks)
+    found = np.ceil(zeta * looks).astype(np.int64)
+    clears = np.flatnonzero(p_lower - clopper_pearson_upper(found, looks, np.asarray(plan.alphas)) >= t)
+    return float(looks[clears[0]]) if len(clears) else math.inf
 
 
 def choose_route(parent_certified: bool, p_lower: float, rule: RouteRule) -> str:
