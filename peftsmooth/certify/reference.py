@@ -108,3 +108,13 @@ def check_images(parent: Parent, indices: Sequence[int]) -> None:
     missing = [i for i in indices if i not in parent.rows]
     require(not missing, f"certify.reference={parent.path} has no row for images {missing[:3]}... of this selection "
                          f"({len(missing)} of {len(indices)}); certify the parent's image set (skip/start/max)")
+
+
+def incremental_command(variant_run, parent_run) -> str:
+    """The command that certifies `variant_run` incrementally from a certification of `parent_run`
+    (the newest cohen or sequential one found under <parent_run>/certify/, else a placeholder)."""
+    found = sorted((p.parent for p in Path(str(parent_run)).glob("certify/*/" + results.SUMMARY_FILE)
+                    if (results.read_summary(p.parent) or {}).get("mode") in PARENT_MODES),
+                   key=lambda d: (d / results.SUMMARY_FILE).stat().st_mtime)
+    reference = str(found[-1]) if found else f"<a certify=cohen or sequential directory of {parent_run}>"
+    return f"peftsmooth certify run={variant_run} certify=incremental certify.reference={reference}"

@@ -21,7 +21,7 @@ COLUMNS = ["method", "model", "sigma", "trainable params", "clean acc"]
 CSV_KEYS = ["method", "model", "dataset", "sigma", "trainable_params", "total_params", "mode", "n",
             "num_images", "clean_accuracy"]
 CSV_TAIL = ["acr", "samples_per_image", "cert_time_s", "forward_calls", "batch_fill", "wall_s", "status", "run",
-            "certification"]
+            "certification", "alpha_total", "classifier_evaluations", "parent", "routes"]
 
 
 def _fmt_count(value) -> str:

@@ -119,3 +119,27 @@ def test_cli_refusal_is_one_line_and_exit_2(runs, tmp_path):
     assert done.returncode == 2, done.stderr
     assert len(done.stderr.strip().splitlines()) == 1 and "certify.reference" in done.stderr
     assert not list(runs[1].glob("certify/incremental*"))
+
+
+def test_report_shows_the_mode_parent_routes_and_alpha_total(runs, parent_cert, tmp_path):
+    from peftsmooth.report.render import to_csv
+    from peftsmooth.report.table import build_report
+
+    incremental(runs[0], parent_cert, tmp_path / "inc")
+    report = build_report([tmp_path / "inc"])
+    row = report.rows[0]
+    assert row["mode"] == "incremental" and row["alpha_total"] == 0.002 and row["parent"] == str(parent_cert)
+    assert "incremental from" in row["status"] and "routes:" in row["status"]
+    assert "alpha_total" in to_csv(report).splitlines()[0]
+
+
+def test_quantize_and_combine_name_the_incremental_command(runs, parent_cert, tmp_path):
+    import shutil
+
+    from peftsmooth.certify.reference import incremental_command
+
+    assert "certify=incremental certify.reference=<a certify" in incremental_command(tmp_path / "v", runs[1])
+    shutil.copytree(parent_cert, runs[1] / "certify" / "cohen_sigma0.25_n2000")
+    command = incremental_command(tmp_path / "v", runs[1])
+    assert command.endswith(f"certify.reference={runs[1] / 'certify' / 'cohen_sigma0.25_n2000'}")
+    assert command.startswith(f"peftsmooth certify run={tmp_path / 'v'} certify=incremental")
