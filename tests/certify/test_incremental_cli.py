@@ -143,3 +143,14 @@ def test_quantize_and_combine_name_the_incremental_command(runs, parent_cert, tm
     command = incremental_command(tmp_path / "v", runs[1])
     assert command.endswith(f"certify.reference={runs[1] / 'certify' / 'cohen_sigma0.25_n2000'}")
     assert command.startswith(f"peftsmooth certify run={tmp_path / 'v'} certify=incremental")
+
+
+def test_a_sequential_parent_works_and_a_predict_one_is_refused(runs, tmp_path):
+    seq = [*SMALL, "certify=sequential", "certify.n0=16", "certify.n_max=2000", "certify.alpha=0.001"]
+    run_certify(compose("certify", [f"run={runs[0]}", *seq], run_dir=tmp_path / "seq"))
+    summary = incremental(runs[1], tmp_path / "seq", tmp_path / "inc")
+    assert summary["parent_mode"] == "sequential" and summary["complete"]
+    run_certify(compose("certify", [f"run={runs[0]}", *SMALL, "certify=predict", "certify.n=64"],
+                        run_dir=tmp_path / "pred"))
+    with pytest.raises(UserError, match="certify.mode=predict"):
+        incremental(runs[1], tmp_path / "pred", tmp_path / "out")
