@@ -5,13 +5,13 @@
 # incrementally from each parent certification, all at alpha_total = 0.002. Resumable: every finished
 # step is skipped, an interrupted certification resumes. Then the table (scripts/digits_incremental_table.py).
 #
-#   OUT=outputs/incremental_digits N=10000 MAX=60 bash scripts/digits_incremental.sh
+#   OUT=outputs/incremental_digits N=10000 MAX=30 bash scripts/digits_incremental.sh
 set -euo pipefail
 OUT=${OUT:-outputs/incremental_digits}
 N=${N:-10000}
 N0=${N0:-100}
 SKIP=${SKIP:-6}
-MAX=${MAX:-60}
+MAX=${MAX:-30}
 SIGMAS=${SIGMAS:-"0.25 0.5"}
 PS=${PEFTSMOOTH:-peftsmooth}
 GRID="certify.radius_grid=[0.0,0.25,0.5,0.75,1.0]"
