@@ -11,7 +11,10 @@ and `sequential` (sequential CERTIFY) are registered below as pool jobs (`job` a
 images in flight fill every forward pass (`peftsmooth.certify.pool`), and rows come in completion
 order. A new mode subclasses `Mode`, checks its own certify.* keys in `read_options`, returns either a
 job or the row fields from `certify_one` (image by image), and registers itself with `@register("name")`.
-Every row carries `samples`: the forward passes spent on the image, selection samples included.
+`incremental` (a variant certified from its parent's certificate, peftsmooth.certify.incremental_run)
+makes its own rows: routes first, then one pool over the pair classifier and one over the variant.
+Every row carries `samples`: the classifier evaluations spent on the image, selection samples included
+(both models counted in incremental rows), and a certifying mode's `pA_lower` (Mode.extra).
 """
 
 from __future__ import annotations
