@@ -173,3 +173,37 @@ def test_routing_prefers_the_direct_route_near_pA_one_and_the_test_at_moderate_p
     assert inc.choose_route(True, 0.99990, _rule("none")) == inc.ROUTE_DISAGREEMENT
     direct, test = inc.route_costs(0.99990, rule)
     assert direct < test
+
+
+def test_the_routed_procedure_keeps_false_certificates_below_alpha_total():
+    """The whole procedure on a Bernoulli oracle: the parent re-certified per trial, the route chosen
+    from its row, then the disagreement test or sequential CERTIFY of f' on fresh votes. pA' = pA - zeta
+    (every disagreement on a hit), thresholds around pA' so that both routes and their bounds bite."""
+    from peftsmooth.certify.sequential import run_plan, stop_rule
+
+    rng = np.random.default_rng(1)
+    trials, n, alpha_1, alpha_total, sigma = 2000, 2000, 0.025, 0.05, 0.5
+    pA, zeta = 0.975, 0.012
+    pA_variant = pA - zeta
+    radii = (0.25, 0.5, 0.75, 1.0, 0.9, 0.95)
+    rule = inc.RouteRule(sigma, radii, 16, look_plan(n, alpha_total), inc.disagreement_plan(n, alpha_total - alpha_1),
+                         0.01, "sequential")
+    false, routes = 0, {k: 0 for k in inc.ROUTES}
+    for _ in range(trials):
+        p_lower = clopper_pearson_lower(int(rng.binomial(n, pA)), n, alpha_1)
+        route = inc.choose_route(p_lower >= 0.5, p_lower, rule)
+        routes[route] += 1
+        if route == inc.ROUTE_SEQUENTIAL:
+            result = run_plan(lambda m: int(rng.binomial(m, pA_variant)), rule.sequential_plan, sigma,
+                              stop_rule("radii", list(radii)))
+        else:
+            steps = inc.disagreement_steps(rule.disagreement_plan, p_lower, sigma, radii)
+            m = next(steps)
+            try:
+                while True:
+                    m = steps.send(int(rng.binomial(m, zeta)))
+            except StopIteration as stop:
+                result = stop.value
+        false += result.certified and result.lower > pA_variant
+    assert routes[inc.ROUTE_SEQUENTIAL] > 0 and routes[inc.ROUTE_DISAGREEMENT] > 0, routes
+    assert false / trials <= alpha_total
