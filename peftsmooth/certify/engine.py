@@ -11,9 +11,12 @@ and `sequential` (sequential CERTIFY) are registered below as pool jobs (`job` a
 images in flight fill every forward pass (`peftsmooth.certify.pool`), and rows come in completion
 order. A new mode subclasses `Mode`, checks its own certify.* keys in `read_options`, returns either a
 job or the row fields from `certify_one` (image by image), and registers itself with `@register("name")`.
-Every row carries `samples`: the noisy samples f classified for the image, selection samples included
-(a *sample* is one noisy copy x + e, one row of a forward pass; a *forward pass* is one call of f on
-a batch of up to certify.batch_size samples, possibly of several images).
+`incremental` (a variant certified from its parent's certificate, peftsmooth.certify.incremental_run)
+makes its own rows: routes first, then one pool over the pair classifier and one over the variant.
+Every row carries `samples`: the classifier evaluations spent on the image, selection samples included
+(both models counted in incremental rows), and a certifying mode's `pA_lower` (Mode.extra). A *sample*
+is one noisy copy x + e, one row of a forward pass; a *forward pass* is one call of f on a batch of up
+to certify.batch_size samples, possibly of several images.
 """
 
 from __future__ import annotations
@@ -28,8 +31,11 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import torch
 
 from peftsmooth.certify import results
+from peftsmooth.certify.incremental import FALLBACKS, DisagreementClassifier
+from peftsmooth.certify.incremental_run import incremental_plan, incremental_rows
 from peftsmooth.certify.noise import NOISE_SCHEME
 from peftsmooth.certify.pool import Job, run_pool
+from peftsmooth.certify.reference import check_parent, read_parent
 from peftsmooth.certify.sequential import STOP_RULES, SequentialCertificate, look_plan, sequential_job, stop_rule
 from peftsmooth.certify.smoothing import Certificate, Smooth, image_seed
 from peftsmooth.distributed import rank_share
@@ -83,6 +89,13 @@ class Mode:
         """(prediction, radius, samples) of one image."""
         raise NotImplementedError
 
+    def extra(self, result: Any) -> dict[str, Any]:
+        """Extra certify.tsv columns of a job's answer (e.g. pA_lower)."""
+        return {}
+
+    def check_run(self, s: Settings, *, sigma: float, dataset: str) -> None:
+        """Checks that need the certified sigma and dataset (before any model is built)."""
+
 
 MODES: dict[str, Mode] = {}
 
@@ -106,6 +119,9 @@ class Certify(Mode):
 
     def outcome(self, result: Certificate, s: Settings) -> tuple[int, float, int]:
         return result.prediction, result.radius, s.n0 + s.n
+
+    def extra(self, result: Certificate) -> dict[str, Any]:
+        return {"pA_lower": result.pABar}
 
 
 @register("predict")
@@ -159,6 +175,43 @@ class Sequential(Certify):
 
     def outcome(self, result: SequentialCertificate, s: Settings) -> tuple[int, float, int]:
         return result.prediction, result.radius, result.samples
+
+    def extra(self, result: SequentialCertificate) -> dict[str, Any]:
+        return {"pA_lower": result.result.lower}
+
+
+@register("incremental")
+class Incremental(Sequential):
+    """Incremental certification (peftsmooth.certify.incremental): a variant f' certified from its
+    parent's certificate (certify.reference) and a sequential test of the disagreement between f and f',
+    or routed to sequential CERTIFY (certify.fallback); every row holds at alpha_total = certify.alpha."""
+
+    pooled = False
+
+    def read_options(self, c) -> dict[str, Any]:
+        options = super().read_options(c)
+        require(str(c.get("fallback")) in FALLBACKS, str(choice_error("certify.fallback", c.get("fallback"), FALLBACKS)))
+        zeta = c.get("expected_disagreement")
+        require(isinstance(zeta, (int, float)) and not isinstance(zeta, bool) and 0 <= zeta < 1,
+                f"certify.expected_disagreement={zeta} must be a number in [0, 1) (the rate the route costs assume)")
+        require(options["stop"] == "radii", "certify.stop=radius is not available with certify=incremental (use radii)")
+        parent = read_parent(c.get("reference"))
+        return {**options, "reference": str(parent.path), "fallback": str(c.fallback),
+                "expected_disagreement": float(zeta), "parent": parent}
+
+    def identity(self, s: Settings) -> dict[str, Any]:
+        keys = ("reference", "fallback", "expected_disagreement")
+        return {**super().identity(s), **{k: s.options[k] for k in keys}}
+
+    def check_run(self, s: Settings, *, sigma: float, dataset: str) -> None:
+        check_parent(s.options["parent"], sigma=sigma, dataset=dataset, alpha_total=s.alpha)
+
+    def rows(self, g: Smooth, g_pair: Smooth, todo: Sequence[int], load: Callable, s: Settings,
+             batch_size: int) -> Iterator[dict]:
+        o = s.options
+        plan = incremental_plan(o["parent"], g.sigma, s.alpha, s.n0, o["n_max"], stop_rule("radii", o["radii"]),
+                                o["radii"], o["fallback"], o["expected_disagreement"])
+        yield from incremental_rows(g, g_pair, plan, todo, load, batch_size, s.pool_size if s.pack else 1)
 
 
 # --- settings, checked before anything runs -------------------------------------------------
@@ -289,11 +342,17 @@ def resume_rows(out: Path, identity: dict, wanted: set[int], *, resume: str | No
 
 # --- the loop -------------------------------------------------------------------------------
 
-def certify_rows(g: Smooth, dataset, todo: Sequence[int], s: Settings, seed: int, batch_size: int) -> Iterator[dict]:
-    """One row per image of `todo`: idx, label, predict, radius, correct, time, samples. Pool modes run
-    with many images in flight (one at a time without certify.pack) and give rows in completion order;
-    a mode without jobs, image by image in order. An image's row never depends on which."""
+def certify_rows(g: Smooth, dataset, todo: Sequence[int], s: Settings, seed: int, batch_size: int, *,
+                 companion: Smooth | None = None) -> Iterator[dict]:
+    """One row per image of `todo`: idx, label, predict, radius, correct, time, samples (and the mode's
+    extra columns). Pool modes run with many images in flight (one at a time without certify.pack) and
+    give rows in completion order; a mode without jobs, image by image in order; incremental
+    certification its own way (`companion`: the pair classifier of parent and variant). An image's row
+    never depends on which."""
     mode = s.engine_mode
+    if isinstance(mode, Incremental):
+        yield from mode.rows(g, companion, todo, lambda idx: load_image(dataset, idx, seed), s, batch_size)
+        return
     images = (load_image(dataset, idx, seed) for idx in todo)
     if not mode.pooled:
         for image in images:
@@ -303,7 +362,7 @@ def certify_rows(g: Smooth, dataset, todo: Sequence[int], s: Settings, seed: int
         return
     jobs = ((image, mode.job(g, image.x, image.seed, s)) for image in images)
     for done in run_pool(g, jobs, batch_size, max_in_flight=s.pool_size if s.pack else 1):
-        yield _row(done.key, *mode.outcome(done.result, s), done.seconds)
+        yield _row(done.key, *mode.outcome(done.result, s), done.seconds) | mode.extra(done.result)
 
 
 def _row(image: Image, prediction: int, radius: float, samples: int, seconds: float) -> dict:
@@ -314,6 +373,19 @@ def _row(image: Image, prediction: int, radius: float, samples: int, seconds: fl
 def load_image(dataset, idx: int, seed: int) -> Image:
     x, label = dataset[idx]
     return Image(idx, int(label), x, image_seed(seed, idx))
+
+
+def session_counters(smoothers: Sequence[Smooth | None], start: float) -> dict:
+    """The forward-pass counters of this session (None entries skipped); classifier_evaluations counts
+    both models of a pair classifier (one per sample in the one-model modes: it equals samples_drawn);
+    batch_capacity sums the rows each completed pass could hold (less after an out-of-memory retry)."""
+    smoothers = [g for g in smoothers if g is not None]
+    calls = sum(g.forward_calls for g in smoothers)
+    evaluations = sum(g.samples_drawn * (2 if isinstance(g.base_classifier, DisagreementClassifier) else 1)
+                      for g in smoothers)
+    return {"forward_calls": calls, "samples_drawn": sum(g.samples_drawn for g in smoothers),
+            "classifier_evaluations": evaluations, "batch_capacity": sum(g.batch_capacity for g in smoothers),
+            "wall_seconds": time.perf_counter() - start}
 
 
 def certify_into(out: Path, rows: Iterable[dict], on_row: Callable[[dict], None] | None = None) -> list[dict]:

@@ -28,8 +28,10 @@ from peftsmooth.runtime import hash_seed
 NOISE_BLOCK = 128  # samples per independently seeded noise block
 NOISE_SCHEME = "blocks-v2"  # recorded in every certification's identity: a resume never mixes schemes
 SELECTION, ESTIMATION, PREDICTION = "selection", "estimation", "predict"
-PREFLIGHT = "preflight"  # the preflight check's one noisy draw per image: no certificate reads this stream
-PHASE_INDEX = {SELECTION: 0, ESTIMATION: 1, PREDICTION: 2, PREFLIGHT: 3}  # 4 phases x 2^30 blocks fill 32 bits
+# incremental certification's disagreement samples (f and f' on one noisy input): a phase no certificate
+# of a parent model uses (peftsmooth.certify.incremental)
+DISAGREEMENT = "disagreement"
+PHASE_INDEX = {SELECTION: 0, ESTIMATION: 1, PREDICTION: 2, DISAGREEMENT: 3}  # at most 4: phase << 30 < 2^32
 BLOCK_BITS = 30  # blocks per phase: 2^30 blocks of 128 samples, far beyond any n
 _MASK32 = 0xFFFFFFFF
 
@@ -37,6 +39,12 @@ _MASK32 = 0xFFFFFFFF
 def image_seed(seed: int, idx: int) -> int:
     """The seed of image `idx` in a run seeded with `seed` (validity rule 7: noise depends only on (seed, idx))."""
     return hash_seed("image", int(seed), int(idx))
+
+
+def preflight_stream(seed: int, idx: int, shape: Sequence[int], sigma: float, device) -> "NoiseStream":
+    """The preflight check's noise for image `idx`: a seed of its own (the four phases are taken), so no
+    certificate reads it; the check certifies nothing, it only warns or refuses before any sampling."""
+    return NoiseStream(hash_seed("preflight", image_seed(seed, idx)), SELECTION, shape, sigma, device)
 
 
 def mix32(value: int) -> int:

@@ -8,7 +8,8 @@ image) on the first `certify.preflight` images of the certified set, prints both
 summary.json (`preflight`), warns in one line when the clean accuracy is below twice chance, and
 with `certify.preflight_min_acc` refuses to start below that accuracy.
 
-The noise comes from each image's PREFLIGHT stream, which no certificate reads (peftsmooth.certify.noise),
+The noise comes from each image's preflight stream, seeded apart so that no certificate reads it
+(peftsmooth.certify.noise.preflight_stream),
 and its forward passes are counted here, apart from the certification's counters.
 """
 
@@ -20,7 +21,7 @@ from typing import Sequence
 
 import torch
 
-from peftsmooth.certify.noise import PREFLIGHT, NoiseStream, image_seed
+from peftsmooth.certify.noise import preflight_stream
 from peftsmooth.errors import UserError
 from peftsmooth.runtime import evaluating
 
@@ -54,7 +55,7 @@ def run_preflight(g, dataset, indices: Sequence[int], count: int, seed: int, bat
             items = [dataset[idx] for idx in part]
             x = torch.stack([item[0] for item in items]).to(device=device, dtype=torch.float32)
             labels = torch.tensor([int(item[1]) for item in items], device=device)
-            noise = torch.cat([NoiseStream(image_seed(seed, idx), PREFLIGHT, x.shape[1:], g.sigma, device).take(1)
+            noise = torch.cat([preflight_stream(seed, idx, x.shape[1:], g.sigma, device).take(1)
                                for idx in part])
             clean += int((g.classify_uncounted(x, len(part)) == labels).sum())
             noisy += int((g.classify_uncounted(x + noise, len(part)) == labels).sum())

@@ -33,17 +33,19 @@ IMPORTED_FROM = "imported_from"  # summary.json key of a log brought in by `peft
 # (The noise of image idx depends only on (seed, idx), so the image selection may grow on resume.)
 # `noise`: the noise scheme (certify.noise.NOISE_SCHEME), so that rows of different noise never mix.
 IDENTITY_KEYS = ("mode", "n0", "n", "alpha", "sigma", "seed", "precision", "dataset", "noise",
-                 "stop", "radii", "max_radius_loss")  # the last three: certify=sequential's stopping rule
+                 "stop", "radii", "max_radius_loss",  # certify=sequential's stopping rule
+                 "reference", "fallback", "expected_disagreement")  # certify=incremental's parent and routing
 # Shards being merged must also share the image selection they split.
 SELECTION_KEYS = ("skip", "start", "max")
 # Counters of the forward passes, which the rows cannot tell: summed over the sessions of a resumed
 # certification and over merged shards. batch_fill = samples_drawn / batch_capacity (the rows the
 # completed forward passes could hold); wall_seconds: the certification loop's wall time.
-THROUGHPUT_KEYS = ("forward_calls", "samples_drawn", "batch_capacity", "wall_seconds")
+# classifier_evaluations: samples_drawn in the one-model modes, both models counted in certify=incremental.
+THROUGHPUT_KEYS = ("forward_calls", "samples_drawn", "classifier_evaluations", "batch_capacity", "wall_seconds")
 # What summarize computes from the rows; every other key of a summary.json is metadata.
 METRIC_KEYS = frozenset({"acr", "certified_accuracy", "clean_accuracy", "abstain_rate", "num_images",
                          "samples_per_second", "elapsed_seconds", "complete", "radius_grid",
-                         "mean_samples", "total_samples", "samples_quantiles"})
+                         "mean_samples", "total_samples", "samples_quantiles", "routes", "measured_disagreement"})
 
 
 # --- shard directories ----------------------------------------------------------------------
@@ -122,6 +124,20 @@ def samples_stats(rows: Sequence[dict], meta: dict) -> dict:
             "samples_quantiles": {"p10": p10, "p50": p50, "p90": p90, "max": int(max(per_image))}}
 
 
+def route_stats(rows: Sequence[dict]) -> dict:
+    """Incremental certification: images per route, and the disagreement measured on the zeta samples
+    (disagreements / samples drawn by the disagreement test, each sample counted once); {} otherwise."""
+    if not rows or any(row.get("route") is None for row in rows):
+        return {}
+    counts: dict[str, int] = {}
+    for row in rows:
+        counts[row["route"]] = counts.get(row["route"], 0) + 1
+    tested = [row for row in rows if row["route"] == "disagreement"]
+    pairs = sum(row[SAMPLES] // 2 for row in tested)
+    measured = sum(row["disagreements"] for row in tested) / pairs if pairs else None
+    return {"routes": counts, "measured_disagreement": measured}
+
+
 def summarize(rows: Sequence[dict], radius_grid: Sequence[float], **meta) -> dict:
     """summary.json: the metrics of `rows` plus `meta` (settings, provenance); see the schema."""
     rows = sorted(rows, key=lambda row: row["idx"])
@@ -140,6 +156,7 @@ def summarize(rows: Sequence[dict], radius_grid: Sequence[float], **meta) -> dic
         else None,
         "elapsed_seconds": seconds,
         **cost,
+        **route_stats(rows),
     }
     summary.update(meta)
     planned = meta.get("num_planned")
@@ -154,6 +171,8 @@ def throughput(*counters: dict | None) -> dict:
     if not present:
         return {}
     totals = {k: sum(c.get(k) or 0 for c in present) for k in THROUGHPUT_KEYS}
+    # a session recorded before classifier_evaluations existed evaluated one model per sample
+    totals["classifier_evaluations"] = sum(c.get("classifier_evaluations", c.get("samples_drawn")) or 0 for c in present)
     totals["wall_seconds"] = round(float(totals["wall_seconds"]), 3)
     totals["batch_fill"] = totals["samples_drawn"] / totals["batch_capacity"] if totals["batch_capacity"] else None
     return totals

@@ -1,10 +1,13 @@
 """Cohen's certify.tsv: the one writer and the one parser of the project (certify resume, merge, report,
 import).
 
-The columns are Cohen's six, `idx label predict radius correct time`, then `samples` (the noisy
-samples f classified for the image, selection samples included; not forward passes, which carry
-up to certify.batch_size samples each), so Cohen's own analysis (`pandas.read_csv(sep="\\t")`,
-columns read by name) still reads the file. Rows are appended and fsync'd one image at a time, so a
+The columns are Cohen's six, `idx label predict radius correct time`, then the extra columns of
+`EXTRA_COLUMNS` that the rows carry: `samples` (classifier evaluations spent on the image, selection
+samples included, both models counted in incremental certification; not forward passes, which carry
+up to certify.batch_size samples each), `pA_lower` (the exact lower bound on pA behind the radius, so
+that a changed model can be certified from this certificate), and for incremental certification
+`route` and `disagreements`. Cohen's own analysis (`pandas.read_csv(sep="\\t")`, columns read by
+name) still reads the file. Rows are appended and fsync'd one image at a time, so a
 killed run loses at most the row it was writing; the parser drops that torn last line and refuses any
 other malformed line with a UserError naming the file and the line. `correct` is checked against
 `predict == label` on every row: a log whose `correct` column means something else (e.g. a running
@@ -24,7 +27,11 @@ from peftsmooth.runtime import atomic_write_text
 
 TSV_FILE = "certify.tsv"
 HEADER = ("idx", "label", "predict", "radius", "correct", "time")  # Cohen's columns, always first
-SAMPLES = "samples"  # noisy samples classified for the image (selection samples included)
+SAMPLES = "samples"  # classifier evaluations spent on the image (selection samples included)
+PA_LOWER = "pA_lower"  # the lower bound on pA behind the radius, written exactly (repr of the float)
+ROUTE = "route"  # incremental certification: how the row was obtained (peftsmooth.certify.incremental.ROUTES)
+DISAGREEMENTS = "disagreements"  # incremental certification: f != f' among the row's disagreement samples
+EXTRA_COLUMNS = (SAMPLES, PA_LOWER, ROUTE, DISAGREEMENTS)  # in this order, each when every row carries it
 RADIUS_DECIMALS = 6  # radii are written rounded DOWN, so the file never claims more than was certified
 
 
@@ -38,31 +45,47 @@ def format_row(idx: int, label: int, prediction: int, radius: float, correct: bo
     return f"{idx}\t{label}\t{prediction}\t{r}\t{int(bool(correct))}\t{seconds:.4f}{tail}\n"
 
 
-def _row_line(row: dict, samples: bool) -> str:
-    """One TSV line of a row dict (TSV names: idx, label, predict, radius, time, samples)."""
-    if samples and row.get(SAMPLES) is None:
-        raise ValueError(f"row {row.get('idx')} has no {SAMPLES!r}, but the TSV has a {SAMPLES} column")
-    return format_row(row["idx"], row["label"], row["predict"], row["radius"], row["predict"] == row["label"],
-                      row["time"], row[SAMPLES] if samples else None)
+def _row_line(row: dict, columns: Sequence[str]) -> str:
+    """One TSV line of a row dict (TSV names: idx, label, predict, radius, time, and the extra columns)."""
+    extra = list(columns[len(HEADER):])
+    for name in extra:
+        if row.get(name) is None:
+            raise ValueError(f"row {row.get('idx')} has no {name!r}, but the TSV has a {name} column")
+    line = format_row(row["idx"], row["label"], row["predict"], row["radius"], row["predict"] == row["label"],
+                      row["time"], row[SAMPLES] if SAMPLES in extra else None)
+    tail = "".join(f"\t{_format_extra(name, row[name])}" for name in extra if name != SAMPLES)
+    return line[:-1] + tail + "\n"
+
+
+def _format_extra(name: str, value) -> str:
+    if name == PA_LOWER:
+        return repr(float(value))  # exact: reading it back gives the very float that was certified
+    return str(int(value)) if name == DISAGREEMENTS else str(value)
 
 
 def _columns_for(rows: Sequence[dict]) -> tuple[str, ...]:
-    """Cohen's six columns, then `samples` when every row carries it."""
-    return HEADER + (SAMPLES,) if rows and all(r.get(SAMPLES) is not None for r in rows) else HEADER
+    """Cohen's six columns, then each extra column that every row carries."""
+    return HEADER + tuple(c for c in EXTRA_COLUMNS if rows and all(r.get(c) is not None for r in rows))
+
+
+def _known_columns(columns: tuple[str, ...]) -> bool:
+    """Whether this module can append rows under `columns`: Cohen's six, then extras in EXTRA_COLUMNS order."""
+    extra = columns[len(HEADER):]
+    return columns[: len(HEADER)] == HEADER and list(extra) == [c for c in EXTRA_COLUMNS if c in extra]
 
 
 class TsvWriter:
     """Appends one fsync'd row per image (the only file certify writes as it goes).
 
-    A new file gets its header with the first row: Cohen's six columns, plus `samples` when the rows
-    carry it. An existing file keeps the columns it has, so a certification begun before the samples
-    column existed resumes with six columns (its samples are then the fixed n0 + n of its mode)."""
+    A new file gets its header with the first row: Cohen's six columns, plus the extra columns the row
+    carries. An existing file keeps the columns it has, so a certification begun before the samples
+    (or pA_lower) column existed resumes without it (its samples are then the fixed n0 + n of its mode)."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         _drop_torn_tail(self.path)
         self.columns = read_columns(self.path)
-        if self.columns not in (None, HEADER, HEADER + (SAMPLES,)):
+        if self.columns is not None and not _known_columns(self.columns):
             raise UserError(f"{self.path}: cannot append to a certify.tsv with columns {self.columns}")
         self._fh = open(self.path, "a")
 
@@ -74,7 +97,7 @@ class TsvWriter:
     def write_row(self, row: dict) -> None:
         if self.columns is None:
             self._write_header(_columns_for([row]))
-        self._fh.write(_row_line(row, SAMPLES in self.columns))
+        self._fh.write(_row_line(row, self.columns))
         self._fh.flush()
         os.fsync(self._fh.fileno())
 
@@ -98,7 +121,7 @@ class TsvWriter:
 def tsv_text(rows: Sequence[dict]) -> str:
     """The whole file of `rows`: header and one line per row."""
     columns = _columns_for(rows)
-    return "".join(["\t".join(columns) + "\n"] + [_row_line(r, SAMPLES in columns) for r in rows])
+    return "".join(["\t".join(columns) + "\n"] + [_row_line(r, columns) for r in rows])
 
 
 def write_tsv(path: str | Path, rows: Sequence[dict]) -> None:
@@ -151,6 +174,13 @@ def _flag(text: str) -> int:
     return value
 
 
+def _probability(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(text)
+    return value
+
+
 def _radius(text: str) -> float:
     value = float(text)
     if not (math.isfinite(value) and value >= 0):
@@ -162,7 +192,8 @@ def _radius(text: str) -> float:
 _PARSERS = {"idx": (_count, "an image index >= 0"), "label": (int, "an integer class"),
             "predict": (int, "an integer class (-1: abstain)"), "radius": (_radius, "a radius >= 0"),
             "correct": (_flag, "0 or 1"), "time": (parse_seconds, "seconds or H:MM:SS.ffffff"),
-            SAMPLES: (_count, "a sample count >= 0")}
+            SAMPLES: (_count, "a sample count >= 0"), PA_LOWER: (_probability, "a probability in [0, 1]"),
+            ROUTE: (str, "a route name"), DISAGREEMENTS: (_count, "a count >= 0")}
 
 
 def _complete_lines(path: Path, foreign: bool = False) -> list[str]:
@@ -231,3 +262,15 @@ def read_columns(path: str | Path) -> tuple[str, ...] | None:
     path = Path(path)
     lines = _complete_lines(path)[:1] if path.is_file() else []
     return _parse_header(lines[0], path) if lines else None
+
+
+def read_radius_texts(path: str | Path, *, foreign: bool = False) -> dict[int, str]:
+    """The radius column as printed, by image index (after `read_tsv` has checked the file): how many
+    digits were printed tells how far the true radius may lie below the printed one."""
+    path = Path(path)
+    lines = _complete_lines(path, foreign) if path.is_file() else []
+    if not lines:
+        return {}
+    columns = _parse_header(lines[0], path)
+    at_idx, at_radius = columns.index("idx"), columns.index("radius")
+    return {int(fields[at_idx]): fields[at_radius] for fields in (line.split("\t") for line in lines[1:])}

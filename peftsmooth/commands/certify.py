@@ -29,7 +29,8 @@ from omegaconf import OmegaConf
 from peftsmooth.certify import results
 from peftsmooth.certify.classifier import certify_sigma, check_num_classes, check_run_model, load_classifier, \
     prepare_for_certify
-from peftsmooth.certify.engine import Settings, certify_into, certify_rows, resume_rows, select_indices
+from peftsmooth.certify.engine import Settings, certify_into, certify_rows, resume_rows, select_indices, session_counters
+from peftsmooth.certify.incremental_run import load_parent_model, pair_smooth, parent_meta
 from peftsmooth.certify.preflight import preflight_check
 from peftsmooth.certify.smoothing import Smooth
 from peftsmooth.config import _remove_if_unstarted, hydra_app, output_dir
@@ -48,11 +49,13 @@ def check_certify(cfg) -> Settings:
 
     settings = Settings.from_config(cfg.certify)
     info = read_run_info(cfg.run) if cfg.get("run") else None
-    certify_sigma(cfg.get("sigma"), info.sigma if info else None)
+    sigma = certify_sigma(cfg.get("sigma"), info.sigma if info else None)
     if info is None:
         check_model_config(cfg.model, cfg.dataset.image_size)
     else:
         check_run_model(cfg, info)
+    dataset = (info.get("dataset") or {}).get("name") if info else None
+    settings.engine_mode.check_run(settings, sigma=sigma, dataset=str(dataset or cfg.dataset.name))
     return settings
 
 
@@ -72,6 +75,7 @@ def run_certify(cfg) -> dict:
     check_num_classes(model, source["num_classes"], dataset_cfg.image_size)
     dataset = build_dataset(dataset_cfg, split="test")
     indices = select_indices(len(dataset), s)
+    parent_model = load_parent_model(s.options.get("parent"), indices)  # certify=incremental's f, else None
 
     base_dir = Path(broadcast_object(str(output_dir()), dist))  # rank 0's directory (timestamps may differ)
     out = base_dir / results.shard_dir_name(dist.rank, dist.world_size) if dist.world_size > 1 else base_dir
@@ -83,6 +87,7 @@ def run_certify(cfg) -> dict:
                                         channels_last=s.channels_last)
     batch_size = s.batch_for(dist.device)
     g = Smooth(model, source["num_classes"], sigma, precision=s.precision, channels_last=s.channels_last)
+    g_pair = pair_smooth(parent_model, model, dist.device, s, sigma)  # f and f' on one batch, or None
     compile_error = g.compile(batch_size, dataset_cfg.image_size, mode=s.compile_mode) if s.compile else None
     seed_everything(int(cfg.seed))
     preflight = preflight_check(g, dataset, indices, s.preflight, s.preflight_min_acc, int(cfg.seed), batch_size,
@@ -96,17 +101,15 @@ def run_certify(cfg) -> dict:
             "compile_mode": s.compile_mode if s.compile else None, "channels_last": s.channels_last,
             "merged_adapters": merged, **({"quantized": source["quantized"]} if source.get("quantized") else {}),
             "pack": s.pack, "num_planned": len(indices), "argv": " ".join(sys.argv), "preflight": preflight,
-            **({"shard": s.shard, "num_shards": s.num_shards} if s.num_shards > 1 else {})}
+            **({"shard": s.shard, "num_shards": s.num_shards} if s.num_shards > 1 else {}),
+            "alpha_total": s.alpha, **parent_meta(s.options.get("parent"), s.alpha)}
     done = {r["idx"] for r in rows}
     todo = [i for i in indices if i not in done]
     earlier = results.throughput(results.read_summary(out)) if rows else {}  # sessions that ran to the end
     results.write_results(out, rows, s.radius_grid, **meta, **earlier)  # settings on disk before the first row
 
-    start = time.perf_counter()
     with CertifyProgress(len(indices), rows, show=dist.is_main) as progress:
-        certify_into(out, certify_rows(g, dataset, todo, s, int(cfg.seed), batch_size), on_row=progress)
-    session = {"forward_calls": g.forward_calls, "samples_drawn": g.samples_drawn,
-               "batch_capacity": g.batch_capacity, "wall_seconds": time.perf_counter() - start}
+        session = _certify_session(out, g, g_pair, dataset, todo, s, int(cfg.seed), batch_size, progress)
     summary = results.write_results(out, results.read_tsv(out / results.TSV_FILE), s.radius_grid, **meta,
                                     **results.throughput(earlier, session))
     if g.max_batch:
@@ -115,6 +118,14 @@ def run_certify(cfg) -> dict:
         summary = _merge_ranks(base_dir, dist, s.radius_grid)
     _log_summary(summary, base_dir)
     return summary
+
+
+def _certify_session(out: Path, g: Smooth, g_pair: Smooth | None, dataset, todo, s: Settings, seed: int,
+                     batch_size: int, progress) -> dict:
+    """Certify the images still to do into out/certify.tsv; this session's forward-pass counters."""
+    start = time.perf_counter()
+    certify_into(out, certify_rows(g, dataset, todo, s, seed, batch_size, companion=g_pair), on_row=progress)
+    return session_counters([g, g_pair], start)
 
 
 def _merge_ranks(base: Path, dist: DistInfo, radius_grid) -> dict:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 
+from peftsmooth.certify.reference import incremental_command
 from peftsmooth.config import _remove_if_unstarted, hydra_app, output_dir
 from peftsmooth.library import combine
 
@@ -31,6 +32,7 @@ def run_combine(cfg) -> dict:
     _remove_if_unstarted(output_dir())  # the run is in out; Hydra's job directory holds nothing else
     print(f"peftsmooth combine: {info.method}: {info.trainable_params} adapter parameters "
           f"(of {info.total_params}) -> {plan.out}")
+    print(f"certify it from a parent's certificate: {incremental_command(plan.out, plan.sources[0].path)}")
     return {"out": str(plan.out), "method": info.method, "trainable_params": info.trainable_params,
             "total_params": info.total_params, "sigma": info.sigma}
 

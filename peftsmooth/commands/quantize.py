@@ -174,6 +174,7 @@ def write_run(plan: Plan) -> dict:
 
 
 def run_quantize(cfg) -> dict:
+    from peftsmooth.certify.reference import incremental_command
     from peftsmooth.config import _remove_if_unstarted
 
     plan = check_quantize(cfg)
@@ -182,6 +183,7 @@ def run_quantize(cfg) -> dict:
     print(f"peftsmooth quantize: {plan.info.method} at {plan.bits}-bit: {record['bytes_source']:,} -> "
           f"{record['bytes_quantized']:,} bytes ({record['bytes_source'] / record['bytes_quantized']:.1f}x; "
           f"{record['tensors_quantized']} tensors quantized, {record['tensors_kept']} kept) -> {plan.out}")
+    print(f"certify it from its parent's certificate: {incremental_command(plan.out, plan.source)}")
     return {"out": str(plan.out), **record}
 
 

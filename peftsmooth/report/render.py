@@ -19,7 +19,8 @@ IDENTITY = ["method", "model", "sigma", "mode", "n", "alpha", "images"]  # how e
 CSV_KEYS = ["method", "model", "dataset", "sigma", "mode", "n", "alpha", "num_images", "trainable_params",
             "total_params", "smoothed_accuracy"]
 CSV_TAIL = ["acr", "samples_per_image", "cert_time_s", "forward_calls", "batch_fill", "wall_s", "status", "run",
-            "certification", "paper", "source"]
+            "certification", "alpha_total", "classifier_evaluations", "parent", "routes", "paper",
+            "source"]
 PUBLISHED_MARK = " (published)"  # after the method of a published row, in the printed tables
 FOOTNOTE = (
     "Accuracies in %, on the certified test images. mode: how the row was certified (cohen: CERTIFY at a "
@@ -28,8 +29,8 @@ FOOTNOTE = (
     "behind each bound; alpha: the failure probability of each certificate (the total when certificates "
     "are combined); images: test images certified; trainable params: parameters trained for the noise; "
     "smoothed acc: certified accuracy at r = 0 (predict == label, abstentions wrong); cert@r: certified "
-    "accuracy at L2 radius r (native [0,1] pixels); ACR: average certified radius; samples/img: mean forward "
-    "passes per image (n0 + n for cohen); cert time: summed per-image time; fwd calls: batched forward "
+    "accuracy at L2 radius r (native [0,1] pixels); ACR: average certified radius; samples/img: mean noisy samples "
+    "classified per image (classifier evaluations: n0 + n for cohen, both models for incremental); cert time: summed per-image time; fwd calls: batched forward "
     "passes; fill: samples drawn / batch capacity; (published): the field's published result, a blank "
     "radius is one its source has no value at (never interpolated); -: not known.")
 

@@ -144,7 +144,18 @@ def metrics(rows: Sequence[dict], radius_grid: Sequence[float], meta: dict) -> d
         "forward_calls": meta.get("forward_calls"),
         "batch_fill": meta.get("batch_fill"),
         "wall_s": meta.get("wall_seconds"),
+        **incremental_columns(summary, meta),
     }
+
+
+def incremental_columns(summary: dict, meta: dict) -> dict:
+    """alpha_total (every mode: the alpha the rows hold at), classifier evaluations (both models of an
+    incremental certification counted), and for certify=incremental the parent and the route counts."""
+    routes = summary.get("routes")
+    return {"alpha_total": meta.get("alpha_total", meta.get("alpha")),
+            "classifier_evaluations": meta.get("classifier_evaluations", meta.get("samples_drawn")),
+            "parent": meta.get("reference"),
+            "routes": " ".join(f"{k}={v}" for k, v in sorted(routes.items())) if routes else None}
 
 
 def status(cert: Certification | None, info: dict) -> str:
@@ -165,7 +176,16 @@ def status(cert: Certification | None, info: dict) -> str:
         parts.append(f"partial: {len(cert.rows)} images")
     elif cert.summary and cert.summary.get("merged_from"):
         parts.append(f"complete (merged {len(cert.summary['merged_from'])} shards)")
-    return "; ".join(parts) or "complete"
+    text = "; ".join(parts) or "complete"
+    if cert is not None and (cert.summary or {}).get("mode") == "incremental":
+        text += (f"; incremental from {Path(str(cert.summary.get('reference'))).name}, "
+                 f"alpha_total={cert.summary.get('alpha_total')}, routes: {_routes(cert.rows)}")
+    return text
+
+
+def _routes(rows: Sequence[dict]) -> str:
+    routes = results.route_stats(rows).get("routes") or {}
+    return " ".join(f"{k}={v}" for k, v in sorted(routes.items())) or "-"
 
 
 def method_label(meta: dict, info: dict) -> str:

@@ -63,8 +63,9 @@ def rows_without_time(path):
 def test_outputs_follow_the_schema(reference):
     out, summary = reference
     lines = (out / "certify.tsv").read_text().splitlines()
-    # Cohen's six columns first, then the forward passes spent per image (n0 + n for CERTIFY)
-    assert lines[0] == "idx\tlabel\tpredict\tradius\tcorrect\ttime\tsamples" and len(lines) == 1 + 6
+    # Cohen's six columns first, then the forward passes spent per image (n0 + n for CERTIFY) and the
+    # exact lower bound on pA behind each radius
+    assert lines[0] == "idx\tlabel\tpredict\tradius\tcorrect\ttime\tsamples\tpA_lower" and len(lines) == 1 + 6
     assert {line.split("\t")[6] for line in lines[1:]} == {str(8 + 64)}
     assert SCHEMA <= set(summary) and summary["complete"] and summary["num_images"] == 6
     assert summary == json.loads((out / "summary.json").read_text())

@@ -110,7 +110,7 @@ def test_a_registered_mode_runs_with_its_own_checked_options(smooth, dataset, mo
         def certify_one(self, g, x, seed, s, batch_size):
             return 1, 0.5, s.options["budget"] + seed % 2
 
-    assert set(engine.MODES) == {"cohen", "predict", "sequential", "toy"}
+    assert set(engine.MODES) == {"cohen", "predict", "sequential", "incremental", "toy"}
     with pytest.raises(UserError, match="certify.budget"):
         settings(mode="toy", budget=0)
     s = settings(mode="toy", budget=7)

@@ -13,7 +13,8 @@ import torch
 import torch.nn as nn
 from conftest import TINY, compose
 
-from peftsmooth.certify.noise import ESTIMATION, PREDICTION, PREFLIGHT, SELECTION, NoiseStream, image_seed
+from peftsmooth.certify.noise import (DISAGREEMENT, ESTIMATION, PREDICTION, SELECTION, NoiseStream, image_seed,
+                                      preflight_stream)
 from peftsmooth.certify.preflight import judge, run_preflight
 from peftsmooth.certify.smoothing import Smooth
 from peftsmooth.errors import UserError
@@ -37,14 +38,15 @@ def test_preflight_accuracies_noise_stream_and_counters_are_exact():
     indices = list(range(12))
     result = run_preflight(g, dataset, indices, count=10, seed=5, batch_size=4)
     assert result.images == 10 and result.clean_accuracy == pytest.approx(7 / 10)
-    noisy = [int((xs[i].flatten()[0] + NoiseStream(image_seed(5, i), PREFLIGHT, (1, 4, 4), 0.3, "cpu").take(1)
+    noisy = [int((xs[i].flatten()[0] + preflight_stream(5, i, (1, 4, 4), 0.3, "cpu").take(1)
                   .flatten()[0] > 0.5)) == labels[i] for i in range(10)]
     assert result.noisy_accuracy == pytest.approx(sum(noisy) / 10)
     assert result.forward_passes == 2 * 3 and (g.forward_calls, g.samples_drawn, g.batch_capacity) == (0, 0, 0)
     first = {phase: NoiseStream(image_seed(5, 0), phase, (1, 4, 4), 0.3, "cpu").take(128)
-             for phase in (SELECTION, ESTIMATION, PREDICTION, PREFLIGHT)}
-    for phase in (SELECTION, ESTIMATION, PREDICTION):  # a stream of its own: no certificate's block
-        assert not torch.isclose(first[PREFLIGHT][:1], first[phase]).all(dim=(1, 2, 3)).any()
+             for phase in (SELECTION, ESTIMATION, PREDICTION, DISAGREEMENT)}
+    preflight = preflight_stream(5, 0, (1, 4, 4), 0.3, "cpu").take(1)
+    for phase in first:  # a stream of its own: no certificate's block
+        assert not torch.isclose(preflight, first[phase]).all(dim=(1, 2, 3)).any()
 
 
 def test_judge_warns_below_twice_chance_and_refuses_below_min_acc(caplog):
