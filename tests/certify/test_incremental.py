@@ -207,3 +207,23 @@ def test_the_routed_procedure_keeps_false_certificates_below_alpha_total():
         false += result.certified and result.lower > pA_variant
     assert routes[inc.ROUTE_SEQUENTIAL] > 0 and routes[inc.ROUTE_DISAGREEMENT] > 0, routes
     assert false / trials <= alpha_total
+
+
+class _Precision(nn.Module):
+    """Class 0 when it ran in fp32, class 1 under a reduced-precision autocast."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(2, 2)
+
+    def forward(self, x):
+        reduced = self.linear(x).dtype != torch.float32
+        return torch.tensor([[0.0, 1.0] if reduced else [1.0, 0.0]]).expand(len(x), 2)
+
+
+@pytest.mark.parametrize("parent, variant, differ", [("fp32", "bf16", 1), ("bf16", "bf16", 0), ("fp32", "fp32", 0)])
+def test_pair_runs_each_member_at_its_own_precision_whatever_surrounds_it(parent, variant, differ):
+    pair = inc.DisagreementClassifier(_Precision(), _Precision(), parent_precision=parent, variant_precision=variant)
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):  # as a Smooth at bf16 would run it
+        out = pair(torch.zeros(3, 2))
+    assert out[:, 1].tolist() == [float(differ)] * 3

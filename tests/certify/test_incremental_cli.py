@@ -53,6 +53,8 @@ def test_identical_variant_routes_and_counts_both_models(runs, parent_cert, tmp_
     rows = results.read_tsv(tmp_path / "certify.tsv")
     parent_rows = {r["idx"]: r for r in results.read_tsv(parent_cert / "certify.tsv")}
     assert summary["mode"] == "incremental" and summary["alpha_total"] == 0.002
+    assert summary["parent_fingerprint"] == "verified"
+    assert summary["weights_sha256"] == results.read_summary(parent_cert)["weights_sha256"]  # the same f
     assert summary["alpha_parent"] == 0.001 and summary["alpha_disagreement"] == pytest.approx(0.001)
     tested = [r for r in rows if r["route"] == "disagreement"]
     assert tested and all(r["disagreements"] == 0 for r in tested)
@@ -84,8 +86,9 @@ def test_older_parent_without_pA_lower_is_recovered_from_the_radius(runs, parent
     old.mkdir()
     rows = results.read_tsv(parent_cert / "certify.tsv")
     results.write_tsv(old / "certify.tsv", [{k: v for k, v in r.items() if k != "pA_lower"} for r in rows])
-    (old / "summary.json").write_text((parent_cert / "summary.json").read_text())
-    incremental(runs[0], old, tmp_path / "out", "certify.fallback=none")
+    summary = json.loads((parent_cert / "summary.json").read_text())
+    (old / "summary.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "weights_sha256"}))
+    assert incremental(runs[0], old, tmp_path / "out", "certify.fallback=none")["parent_fingerprint"] == "unverified"
     new = {r["idx"]: r for r in results.read_tsv(tmp_path / "out" / "certify.tsv")}
     exact = {r["idx"]: r for r in rows}
     for idx, row in new.items():
@@ -111,6 +114,25 @@ def test_refuses_a_parent_whose_run_cannot_be_loaded(runs, parent_cert, tmp_path
     (orphan / "summary.json").write_text(json.dumps(summary))
     with pytest.raises(UserError, match="cannot be loaded"):
         incremental(runs[1], orphan, tmp_path / "out")
+
+
+def test_refuses_a_parent_run_that_now_holds_other_weights(runs, parent_cert, tmp_path):
+    """The parent certificate is about the weights it certified: a run directory that holds other ones
+    (here: another run's, as after training resumed in place) cannot serve as its f."""
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    (moved / "certify.tsv").write_text((parent_cert / "certify.tsv").read_text())
+    summary = json.loads((parent_cert / "summary.json").read_text()) | {"run": str(runs[1])}
+    (moved / "summary.json").write_text(json.dumps(summary))
+    with pytest.raises(UserError, match="other weights"):
+        incremental(runs[1], moved, tmp_path / "out")
+    assert not (tmp_path / "out" / "certify.tsv").exists()
+
+
+def test_parent_f_runs_at_its_own_precision_under_a_bf16_variant(runs, parent_cert, tmp_path):
+    summary = incremental(runs[1], parent_cert, tmp_path / "bf16", "certify.precision=bf16")
+    assert summary["precision"] == "bf16" and summary["parent_precision"] == "fp32" and summary["complete"]
+    assert summary["parent_merged_adapters"] == [] and summary["parent_fingerprint"] == "verified"
 
 
 def test_cli_refusal_is_one_line_and_exit_2(runs, tmp_path):
