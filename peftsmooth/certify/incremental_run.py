@@ -19,7 +19,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 from peftsmooth.certify import incremental as inc
 from peftsmooth.certify.pool import run_pool
-from peftsmooth.certify.reference import Parent, check_fingerprint, check_images, check_merge
+from peftsmooth.certify.reference import Parent, check_fingerprint, check_images, check_labels, check_merge
 from peftsmooth.certify.sequential import StopRule, look_plan, sequential_job
 
 log = logging.getLogger(__name__)
@@ -90,16 +90,18 @@ def _row(image, prediction: int, radius: float, samples: int, seconds: float, lo
 
 # --- the command's pieces: the parent classifier, the pair classifier, what the summary records ----
 
-def load_parent_model(parent: Parent | None, indices: Sequence[int]):
+def load_parent_model(parent: Parent | None, dataset, indices: Sequence[int]):
     """The parent run's classifier f, after checking that the parent certified every image of `indices`
-    and that its weights are the certified ones; returns f and 'verified' or 'unverified' (see
-    `reference.check_fingerprint`), or (None, None) without a parent."""
+    (same idx, same label: one pass over the selected images' labels) and that its weights are the
+    certified ones; returns f and 'verified' or 'unverified' (`reference.check_fingerprint`), or
+    (None, None) without a parent."""
     from peftsmooth.certify.fingerprint import weights_sha256
     from peftsmooth.runs import load_run
 
     if parent is None:
         return None, None
     check_images(parent, indices)
+    check_labels(parent, {i: int(dataset[i][1]) for i in indices})
     model, _ = load_run(parent.run)
     return model, check_fingerprint(parent, weights_sha256(model))
 

@@ -150,6 +150,15 @@ def check_images(parent: Parent, indices: Sequence[int]) -> None:
                          f"({len(missing)} of {len(indices)}); certify the parent's image set (skip/start/max)")
 
 
+def check_labels(parent: Parent, labels: dict[int, int]) -> None:
+    """The image at each idx must carry the label the parent's row records: an idx of another image set
+    (another dataset root, size or listing under the same name) would lend the parent's bound to another x."""
+    wrong = [i for i, label in labels.items() if parent.rows[i].label != int(label)]
+    require(not wrong, f"certify.reference={parent.path} recorded other labels for images {wrong[:3]} "
+                       f"({len(wrong)} of {len(labels)}): this dataset is not the image set the parent certified "
+                       f"(dataset.root, image size or listing differ)")
+
+
 def incremental_command(variant_run, parent_run) -> str:
     """The command that certifies `variant_run` incrementally from a certification of `parent_run`
     (the newest cohen or sequential one found under <parent_run>/certify/, else a placeholder)."""

@@ -75,7 +75,7 @@ def run_certify(cfg) -> dict:
     check_num_classes(model, source["num_classes"], dataset_cfg.image_size)
     dataset = build_dataset(dataset_cfg, split="test")
     indices = select_indices(len(dataset), s)
-    parent_model, parent_fingerprint = load_parent_model(parent := s.options.get("parent"), indices)  # incremental's f
+    parent_model, parent_fingerprint = load_parent_model(parent := s.options.get("parent"), dataset, indices)
 
     base_dir = Path(broadcast_object(str(output_dir()), dist))  # rank 0's directory (timestamps may differ)
     out = base_dir / results.shard_dir_name(dist.rank, dist.world_size) if dist.world_size > 1 else base_dir

@@ -116,6 +116,19 @@ def test_refuses_a_parent_whose_run_cannot_be_loaded(runs, parent_cert, tmp_path
         incremental(runs[1], orphan, tmp_path / "out")
 
 
+def test_refuses_a_parent_whose_labels_differ_from_this_dataset(runs, parent_cert, tmp_path):
+    """Same idx, another image: a parent row whose label is not this dataset's label at that idx."""
+    other = tmp_path / "other"
+    other.mkdir()
+    rows = results.read_tsv(parent_cert / "certify.tsv")
+    rows[2] = rows[2] | {"label": (rows[2]["label"] + 1) % 10}
+    results.write_tsv(other / "certify.tsv", rows)
+    (other / "summary.json").write_text((parent_cert / "summary.json").read_text())
+    with pytest.raises(UserError, match=f"other labels for images \\[{rows[2]['idx']}\\]"):
+        incremental(runs[1], other, tmp_path / "out")
+    assert not (tmp_path / "out" / "certify.tsv").exists()
+
+
 def test_refuses_a_parent_run_that_now_holds_other_weights(runs, parent_cert, tmp_path):
     """The parent certificate is about the weights it certified: a run directory that holds other ones
     (here: another run's, as after training resumed in place) cannot serve as its f."""
