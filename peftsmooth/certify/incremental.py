@@ -60,9 +60,8 @@ from peftsmooth.certify.sequential import (
     look_plan,
     thresholds,
 )
-from peftsmooth.runtime import PRECISIONS
 from peftsmooth.certify.stats import ABSTAIN, clopper_pearson_lower, clopper_pearson_upper, radius
-from peftsmooth.runtime import hash_seed
+from peftsmooth.runtime import PRECISIONS, hash_seed
 
 ROUTE_PARENT, ROUTE_DISAGREEMENT, ROUTE_SEQUENTIAL = "parent", "disagreement", "sequential"
 ROUTES = (ROUTE_PARENT, ROUTE_DISAGREEMENT, ROUTE_SEQUENTIAL)
