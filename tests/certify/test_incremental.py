@@ -10,6 +10,7 @@ import torch.nn as nn
 from scipy.stats import binom, multivariate_normal, norm
 
 from peftsmooth.certify import incremental as inc
+from peftsmooth.certify.noise import image_seed
 from peftsmooth.certify.pool import run_pool
 from peftsmooth.certify.sequential import LookPlan, look_plan, thresholds
 from peftsmooth.certify.smoothing import Smooth
@@ -320,3 +321,18 @@ def test_pair_runs_each_member_at_its_own_precision_whatever_surrounds_it(parent
     with torch.autocast(device_type="cpu", dtype=torch.bfloat16):  # as a Smooth at bf16 would run it
         out = pair(torch.zeros(3, 2))
     assert out[:, 1].tolist() == [float(differ)] * 3
+
+
+def test_changed_route_constants_reuse_the_same_samples_a_new_seed_draws_new_ones():
+    """Why changing expected_disagreement, fallback or the alpha split after a result needs a new seed=
+    (docs: rule 9, library.md): the zeta samples depend on seed= and the image only, not on those constants."""
+    g_pair = Smooth(inc.DisagreementClassifier(HalfSpace(W1, B1), HalfSpace(W2, B2)), 2, SIGMA)
+    x = torch.tensor(X, dtype=torch.float32)
+
+    def first_draw(seed, alpha_2):
+        request = next(inc.disagreement_job(g_pair, x, image_seed(seed, 3), inc.disagreement_plan(4096, alpha_2),
+                                            0.8, RADII))
+        return request.stream.take(64)
+
+    assert torch.equal(first_draw(0, 0.01), first_draw(0, 0.04))
+    assert not torch.equal(first_draw(0, 0.01), first_draw(1, 0.01))
