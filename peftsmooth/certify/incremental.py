@@ -261,6 +261,8 @@ def recovered_lower(radius_text: str, sigma: float) -> float:
     the true radius is at least the printed one minus half a unit of its last printed digit; Phi of
     that, one float step down, and at least 1/2 (a certified row had pA_lower >= 1/2)."""
     text = radius_text.strip()
+    if not math.isfinite(float(text)):  # "nan", "inf": no bound behind them (the TSV reader refuses them too)
+        raise ValueError(f"radius {radius_text!r} is not a finite number: no pA_lower can be recovered from it")
     mantissa, _, exponent = text.lower().partition("e")
     decimals = len(mantissa.partition(".")[2]) - (int(exponent) if exponent else 0)
     low = max(float(text) - 0.5 * 10.0 ** (-decimals), 0.0)

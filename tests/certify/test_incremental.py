@@ -253,6 +253,12 @@ def test_recovered_lower_never_exceeds_the_bound_behind_a_printed_radius(text):
     assert sigma * norm.ppf(recovered) <= value
 
 
+@pytest.mark.parametrize("text", ["nan", "inf", "-inf", "NaN"])
+def test_recovered_lower_refuses_a_radius_that_is_not_a_finite_number(text):
+    with pytest.raises(ValueError, match="not a finite number"):
+        inc.recovered_lower(text, 0.5)
+
+
 def _rule(fallback="sequential"):
     return inc.RouteRule(sigma=0.25, radii=(0.25, 0.5, 0.75, 1.0), n0=100,
                          sequential_plan=look_plan(100_000, 0.002), disagreement_plan=inc.disagreement_plan(100_000, 0.001),
