@@ -65,7 +65,7 @@ def incremental_rows(g, g_pair, plan: IncrementalPlan, todo: Sequence[int], load
     for idx in (i for i in todo if chosen[i] == inc.ROUTE_PARENT):
         image = load(idx)
         parent = plan.parent.rows[idx]
-        yield _row(image, parent.predict, parent.radius, 0, 0.0, parent.lower, inc.ROUTE_PARENT, 0)
+        yield _row(image, parent.predict, parent.radius, 0, 0.0, 0.0, inc.ROUTE_PARENT, 0)  # no bound on f
     tests = ((image, inc.disagreement_job(g_pair, image.x, image.seed, plan.route_rule.disagreement_plan,
                                           plan.parent.rows[image.idx].lower, plan.route_rule.radii))
              for image in (load(i) for i in todo if chosen[i] == inc.ROUTE_DISAGREEMENT))
@@ -83,6 +83,9 @@ def incremental_rows(g, g_pair, plan: IncrementalPlan, todo: Sequence[int], load
 
 def _row(image, prediction: int, radius: float, samples: int, seconds: float, lower: float, route: str,
          disagreements: int) -> dict:
+    """`lower` (column pA_lower) is what the row's certificate rests on, on every route: a lower bound on
+    P(f'(x+e) = predict's class) at alpha_total (pA_lower - zeta_upper, or the fallback's own bound), and 0
+    on a parent-route row, which rests on no bound about f' (the parent's own bound was about f)."""
     return {"idx": image.idx, "label": image.label, "predict": prediction, "radius": radius,
             "correct": int(prediction == image.label), "time": seconds, "samples": samples,
             "pA_lower": lower, "route": route, "disagreements": disagreements}

@@ -53,7 +53,7 @@ def test_identical_variant_routes_and_counts_both_models(runs, parent_cert, tmp_
     rows = results.read_tsv(tmp_path / "certify.tsv")
     parent_rows = {r["idx"]: r for r in results.read_tsv(parent_cert / "certify.tsv")}
     assert summary["mode"] == "incremental" and summary["alpha_total"] == 0.002
-    assert summary["parent_fingerprint"] == "verified"
+    assert summary["parent_fingerprint"] == "verified" and summary["routes"]["parent"] > 0
     assert summary["weights_sha256"] == results.read_summary(parent_cert)["weights_sha256"]  # the same f
     assert summary["alpha_parent"] == 0.001 and summary["alpha_disagreement"] == pytest.approx(0.001)
     tested = [r for r in rows if r["route"] == "disagreement"]
@@ -63,8 +63,8 @@ def test_identical_variant_routes_and_counts_both_models(runs, parent_cert, tmp_
         assert row["predict"] in (parent_rows[row["idx"]]["predict"], -1)
         assert row["pA_lower"] < parent_rows[row["idx"]]["pA_lower"]
     for row in rows:
-        if row["route"] == "parent":
-            assert parent_rows[row["idx"]]["predict"] == -1 and row["samples"] == 0
+        if row["route"] == "parent":  # kept abstentions: no certificate, no bound on f' (pA_lower 0)
+            assert parent_rows[row["idx"]]["predict"] == -1 and row["samples"] == 0 and row["pA_lower"] == 0.0
     assert summary["classifier_evaluations"] == sum(r["samples"] for r in rows)
     assert summary["routes"] == {k: sum(r["route"] == k for r in rows) for k in summary["routes"]}
 
