@@ -140,6 +140,10 @@ def test_refuses_a_parent_run_that_now_holds_other_weights(runs, parent_cert, tm
     with pytest.raises(UserError, match="other weights"):
         incremental(runs[1], moved, tmp_path / "out")
     assert not (tmp_path / "out" / "certify.tsv").exists()
+    done = subprocess.run([sys.executable, "-m", "peftsmooth", "certify", f"run={runs[1]}", *INCREMENTAL,
+                           f"certify.reference={moved}"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "other weights" in done.stderr and not list(runs[1].glob("certify/incremental*"))
 
 
 def test_parent_f_runs_at_its_own_precision_under_a_bf16_variant(runs, parent_cert, tmp_path):
