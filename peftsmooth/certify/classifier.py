@@ -16,7 +16,8 @@ from peftsmooth.runtime import freeze
 
 def load_classifier(cfg) -> tuple[nn.Module, dict]:
     """The model to certify and where it came from (`source`: run, method, model_name, parameter
-    counts, sigma_train, num_classes, and `dataset_cfg`, the dataset to certify on)."""
+    counts, sigma_train, num_classes, the weights' fingerprint, and `dataset_cfg`, the dataset to certify on)."""
+    from peftsmooth.certify.fingerprint import weights_sha256
     from peftsmooth.models import build_classifier, count_parameters, model_label
     from peftsmooth.runs import load_run
 
@@ -38,6 +39,7 @@ def load_classifier(cfg) -> tuple[nn.Module, dict]:
         source = {"run": None, "method": "none", "model_name": model_label(cfg.model, hydra_choice("model")), "trainable_params": 0,
                   "sigma_train": None, "num_classes": int(dataset.num_classes)}
     source["total_params"] = count_parameters(model)[1]
+    source["weights_sha256"] = weights_sha256(model)  # what is certified, before any merge or move
     source["dataset_cfg"] = dataset
     require(source["num_classes"] == int(dataset.num_classes),
             f"dataset.num_classes={dataset.num_classes} does not match the classifier's {source['num_classes']} classes")

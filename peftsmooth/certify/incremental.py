@@ -61,7 +61,7 @@ from peftsmooth.certify.sequential import (
     thresholds,
 )
 from peftsmooth.certify.stats import ABSTAIN, clopper_pearson_lower, clopper_pearson_upper, radius
-from peftsmooth.runtime import hash_seed
+from peftsmooth.runtime import PRECISIONS, hash_seed
 
 ROUTE_PARENT, ROUTE_DISAGREEMENT, ROUTE_SEQUENTIAL = "parent", "disagreement", "sequential"
 ROUTES = (ROUTE_PARENT, ROUTE_DISAGREEMENT, ROUTE_SEQUENTIAL)
@@ -205,13 +205,28 @@ class DisagreementClassifier(nn.Module):
     """f and f' on the same batch: class 1 where their predictions differ, 0 where they agree, so that
     one forward pass of the pool evaluates both models on every noisy input (2 evaluations per row)."""
 
-    def __init__(self, parent: nn.Module, variant: nn.Module):
+    def __init__(self, parent: nn.Module, variant: nn.Module, *, parent_precision: str = "fp32",
+                 variant_precision: str = "fp32"):
         super().__init__()
         self.parent, self.variant = parent, variant
+        self.precisions = (parent_precision, variant_precision)  # each member as its certification ran it
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        differ = self.parent(x).argmax(dim=1) != self.variant(x).argmax(dim=1)
+        with _member_precision(x.device, self.precisions[0]):
+            parent = self.parent(x).argmax(dim=1)
+        with _member_precision(x.device, self.precisions[1]):
+            variant = self.variant(x).argmax(dim=1)
+        differ = parent != variant
         return torch.stack([~differ, differ], dim=1).float()
+
+
+def _member_precision(device: torch.device, precision: str):
+    """Autocast to `precision` for one member of the pair (fp32: autocast off, whatever is around it), so
+    f runs exactly as its certificate was computed and f' as it is certified (validity rule 9)."""
+    dtype = PRECISIONS[precision]
+    if dtype is None:
+        return torch.autocast(device_type=device.type, enabled=False)
+    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def incremental_seed(image_seed: int) -> int:
@@ -246,6 +261,8 @@ def recovered_lower(radius_text: str, sigma: float) -> float:
     the true radius is at least the printed one minus half a unit of its last printed digit; Phi of
     that, one float step down, and at least 1/2 (a certified row had pA_lower >= 1/2)."""
     text = radius_text.strip()
+    if not math.isfinite(float(text)):  # "nan", "inf": no bound behind them (the TSV reader refuses them too)
+        raise ValueError(f"radius {radius_text!r} is not a finite number: no pA_lower can be recovered from it")
     mantissa, _, exponent = text.lower().partition("e")
     decimals = len(mantissa.partition(".")[2]) - (int(exponent) if exponent else 0)
     low = max(float(text) - 0.5 * 10.0 ** (-decimals), 0.0)

@@ -13,13 +13,16 @@ depend on the batch size, the pool size or a resume (validity rule 7).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Sequence
 
 from peftsmooth.certify import incremental as inc
 from peftsmooth.certify.pool import run_pool
-from peftsmooth.certify.reference import Parent, check_images
+from peftsmooth.certify.reference import Parent, check_fingerprint, check_images, check_labels, check_merge
 from peftsmooth.certify.sequential import StopRule, look_plan, sequential_job
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -62,7 +65,7 @@ def incremental_rows(g, g_pair, plan: IncrementalPlan, todo: Sequence[int], load
     for idx in (i for i in todo if chosen[i] == inc.ROUTE_PARENT):
         image = load(idx)
         parent = plan.parent.rows[idx]
-        yield _row(image, parent.predict, parent.radius, 0, 0.0, parent.lower, inc.ROUTE_PARENT, 0)
+        yield _row(image, parent.predict, parent.radius, 0, 0.0, 0.0, inc.ROUTE_PARENT, 0)  # no bound on f
     tests = ((image, inc.disagreement_job(g_pair, image.x, image.seed, plan.route_rule.disagreement_plan,
                                           plan.parent.rows[image.idx].lower, plan.route_rule.radii))
              for image in (load(i) for i in todo if chosen[i] == inc.ROUTE_DISAGREEMENT))
@@ -80,6 +83,9 @@ def incremental_rows(g, g_pair, plan: IncrementalPlan, todo: Sequence[int], load
 
 def _row(image, prediction: int, radius: float, samples: int, seconds: float, lower: float, route: str,
          disagreements: int) -> dict:
+    """`lower` (column pA_lower) is what the row's certificate rests on, on every route: a lower bound on
+    P(f'(x+e) = predict's class) at alpha_total (pA_lower - zeta_upper, or the fallback's own bound), and 0
+    on a parent-route row, which rests on no bound about f' (the parent's own bound was about f)."""
     return {"idx": image.idx, "label": image.label, "predict": prediction, "radius": radius,
             "correct": int(prediction == image.label), "time": seconds, "samples": samples,
             "pA_lower": lower, "route": route, "disagreements": disagreements}
@@ -87,35 +93,46 @@ def _row(image, prediction: int, radius: float, samples: int, seconds: float, lo
 
 # --- the command's pieces: the parent classifier, the pair classifier, what the summary records ----
 
-def load_parent_model(parent: Parent | None, indices: Sequence[int]):
+def load_parent_model(parent: Parent | None, dataset, indices: Sequence[int]):
     """The parent run's classifier f, after checking that the parent certified every image of `indices`
-    (None without a parent)."""
+    (same idx, same label: one pass over the selected images' labels) and that its weights are the
+    certified ones; returns f and 'verified' or 'unverified' (`reference.check_fingerprint`), or
+    (None, None) without a parent."""
+    from peftsmooth.certify.fingerprint import weights_sha256
     from peftsmooth.runs import load_run
 
     if parent is None:
-        return None
+        return None, None
     check_images(parent, indices)
+    check_labels(parent, {i: int(dataset[i][1]) for i in indices})
     model, _ = load_run(parent.run)
-    return model
+    return model, check_fingerprint(parent, weights_sha256(model))
 
 
-def pair_smooth(parent_model, variant_model, device, s, sigma: float):
-    """The `Smooth` of the pair classifier (f and f' on one batch), f prepared like f' (device, merge);
-    None without a parent model."""
+def pair_smooth(parent_model, variant_model, device, s, sigma: float, parent: Parent | None):
+    """The `Smooth` of the pair classifier (f and f' on one batch); f prepared and run as its certificate
+    was computed (the parent's merge and precision), f' as this certification runs it; None without one."""
     from peftsmooth.certify.classifier import prepare_for_certify
     from peftsmooth.certify.smoothing import Smooth
 
     if parent_model is None:
         return None
-    parent_model, _ = prepare_for_certify(parent_model, device, merge_adapters=s.merge_adapters,
-                                          channels_last=s.channels_last)
-    return Smooth(inc.DisagreementClassifier(parent_model, variant_model), 2, sigma, precision=s.precision,
-                  channels_last=s.channels_last)
+    parent_model, merged = prepare_for_certify(parent_model, device, merge_adapters=bool(parent.merged_adapters),
+                                               channels_last=s.channels_last)
+    check_merge(parent, merged)
+    if str(parent.summary.get("device", device)).split(":")[0] != device.type:
+        log.warning("the parent was certified on %s, f is rebuilt on %s: kernels may differ near f's decision "
+                    "boundary (recorded as parent_device in summary.json)", parent.summary.get("device"), device)
+    pair = inc.DisagreementClassifier(parent_model, variant_model, parent_precision=parent.precision,
+                                      variant_precision=s.precision)
+    return Smooth(pair, 2, sigma, precision="fp32", channels_last=s.channels_last)  # each member autocasts itself
 
 
-def parent_meta(parent: Parent | None, alpha_total: float) -> dict:
+def parent_meta(parent: Parent | None, alpha_total: float, fingerprint: str | None) -> dict:
     """What an incremental certification records of its parent and of its alpha split ({} without one)."""
     if parent is None:
         return {}
     return {"reference": str(parent.path), "parent_run": str(parent.run), "parent_mode": parent.summary.get("mode"),
-            "alpha_parent": parent.alpha, "alpha_disagreement": alpha_total - parent.alpha}
+            "alpha_parent": parent.alpha, "alpha_disagreement": alpha_total - parent.alpha,
+            "parent_precision": parent.precision, "parent_merged_adapters": parent.merged_adapters,
+            "parent_device": parent.summary.get("device"), "parent_fingerprint": fingerprint}

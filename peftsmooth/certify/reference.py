@@ -11,6 +11,7 @@ Everything here is a check made before any model is built or any sample drawn.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -19,6 +20,9 @@ from peftsmooth.certify import results
 from peftsmooth.certify.incremental import recovered_lower
 from peftsmooth.certify.tsv import PA_LOWER, read_columns, read_radius_texts
 from peftsmooth.errors import require
+from peftsmooth.runtime import PRECISIONS
+
+log = logging.getLogger(__name__)
 
 PARENT_MODES = ("cohen", "sequential")  # certifications whose rows carry a certificate at the parent's alpha
 
@@ -53,6 +57,16 @@ class Parent:
     @property
     def sigma(self) -> float:
         return float(self.summary["sigma"])
+
+    @property
+    def precision(self) -> str:
+        """The precision f ran under when its certificate was computed (the pair classifier runs it so)."""
+        return str(self.summary.get("precision", "fp32"))
+
+    @property
+    def merged_adapters(self) -> list:
+        """The adapters merged into f when its certificate was computed (the rebuilt f merges the same)."""
+        return list(self.summary.get("merged_adapters") or [])
 
 
 def read_parent(reference) -> Parent:
@@ -101,6 +115,32 @@ def check_parent(parent: Parent, *, sigma: float, dataset: str, alpha_total: flo
     require(float(alpha_total) > parent.alpha,
             f"certify.alpha={alpha_total} must exceed the parent's alpha={parent.alpha:g}: it is alpha_total = "
             f"alpha_parent + alpha_disagreement (e.g. certify.alpha={2 * parent.alpha:g})")
+    require(parent.precision in PRECISIONS,
+            f"{key}={parent.path} was certified at precision={parent.precision}, which this version cannot run f "
+            f"under (allowed: {', '.join(PRECISIONS)}); certify the parent again")
+
+
+def check_fingerprint(parent: Parent, rebuilt: str) -> str:
+    """The rebuilt f must hold the weights that were certified (summary.json `weights_sha256`): 'verified',
+    or 'unverified' (with a warning) for a parent certified before fingerprints were recorded."""
+    recorded = parent.summary.get("weights_sha256")
+    if not recorded:
+        log.warning("certify.reference=%s records no weights_sha256 (an older certification): the rebuilt parent "
+                    "classifier cannot be checked against the certified one (parent_fingerprint: unverified)",
+                    parent.path)
+        return "unverified"
+    require(recorded == rebuilt,
+            f"certify.reference={parent.path}: its run {parent.run} now holds other weights (sha256 {rebuilt[:12]}) "
+            f"than the ones certified ({str(recorded)[:12]}); its certificate is not about this f: certify the "
+            f"parent run again")
+    return "verified"
+
+
+def check_merge(parent: Parent, merged: Sequence[str]) -> None:
+    """The rebuilt f must merge exactly the adapters the certified f merged."""
+    require(list(merged) == parent.merged_adapters,
+            f"certify.reference={parent.path} certified f with merged adapters {parent.merged_adapters}, the rebuilt "
+            f"f merges {list(merged)}; certify the parent again with this version")
 
 
 def check_images(parent: Parent, indices: Sequence[int]) -> None:
@@ -108,6 +148,15 @@ def check_images(parent: Parent, indices: Sequence[int]) -> None:
     missing = [i for i in indices if i not in parent.rows]
     require(not missing, f"certify.reference={parent.path} has no row for images {missing[:3]}... of this selection "
                          f"({len(missing)} of {len(indices)}); certify the parent's image set (skip/start/max)")
+
+
+def check_labels(parent: Parent, labels: dict[int, int]) -> None:
+    """The image at each idx must carry the label the parent's row records: an idx of another image set
+    (another dataset root, size or listing under the same name) would lend the parent's bound to another x."""
+    wrong = [i for i, label in labels.items() if parent.rows[i].label != int(label)]
+    require(not wrong, f"certify.reference={parent.path} recorded other labels for images {wrong[:3]} "
+                       f"({len(wrong)} of {len(labels)}): this dataset is not the image set the parent certified "
+                       f"(dataset.root, image size or listing differ)")
 
 
 def incremental_command(variant_run, parent_run) -> str:

@@ -75,7 +75,7 @@ def run_certify(cfg) -> dict:
     check_num_classes(model, source["num_classes"], dataset_cfg.image_size)
     dataset = build_dataset(dataset_cfg, split="test")
     indices = select_indices(len(dataset), s)
-    parent_model = load_parent_model(s.options.get("parent"), indices)  # certify=incremental's f, else None
+    parent_model, parent_fingerprint = load_parent_model(parent := s.options.get("parent"), dataset, indices)
 
     base_dir = Path(broadcast_object(str(output_dir()), dist))  # rank 0's directory (timestamps may differ)
     out = base_dir / results.shard_dir_name(dist.rank, dist.world_size) if dist.world_size > 1 else base_dir
@@ -87,7 +87,7 @@ def run_certify(cfg) -> dict:
                                         channels_last=s.channels_last)
     batch_size = s.batch_for(dist.device)
     g = Smooth(model, source["num_classes"], sigma, precision=s.precision, channels_last=s.channels_last)
-    g_pair = pair_smooth(parent_model, model, dist.device, s, sigma)  # f and f' on one batch, or None
+    g_pair = pair_smooth(parent_model, model, dist.device, s, sigma, parent)  # f and f' on one batch, or None
     compile_error = g.compile(batch_size, dataset_cfg.image_size, mode=s.compile_mode) if s.compile else None
     seed_everything(int(cfg.seed))
     preflight = preflight_check(g, dataset, indices, s.preflight, s.preflight_min_acc, int(cfg.seed), batch_size,
@@ -95,14 +95,15 @@ def run_certify(cfg) -> dict:
     out.mkdir(parents=True, exist_ok=True)
 
     meta = {**identity, "skip": s.skip, "start": s.start, "max": s.max,
-            **{k: source[k] for k in ("run", "method", "model_name", "trainable_params", "total_params", "sigma_train")},
+            **{k: source[k] for k in ("run", "method", "model_name", "trainable_params", "total_params", "sigma_train",
+                                       "weights_sha256")},
             "device": str(dist.device), "device_name": _device_name(dist.device), "batch_size": batch_size,
             "compile": s.compile and compile_error is None, "compile_error": compile_error,
             "compile_mode": s.compile_mode if s.compile else None, "channels_last": s.channels_last,
             "merged_adapters": merged, **({"quantized": source["quantized"]} if source.get("quantized") else {}),
             "pack": s.pack, "num_planned": len(indices), "argv": " ".join(sys.argv), "preflight": preflight,
             **({"shard": s.shard, "num_shards": s.num_shards} if s.num_shards > 1 else {}),
-            "alpha_total": s.alpha, **parent_meta(s.options.get("parent"), s.alpha)}
+            "alpha_total": s.alpha, **parent_meta(parent, s.alpha, parent_fingerprint)}
     done = {r["idx"] for r in rows}
     todo = [i for i in indices if i not in done]
     earlier = results.throughput(results.read_summary(out)) if rows else {}  # sessions that ran to the end

@@ -53,6 +53,8 @@ def test_identical_variant_routes_and_counts_both_models(runs, parent_cert, tmp_
     rows = results.read_tsv(tmp_path / "certify.tsv")
     parent_rows = {r["idx"]: r for r in results.read_tsv(parent_cert / "certify.tsv")}
     assert summary["mode"] == "incremental" and summary["alpha_total"] == 0.002
+    assert summary["parent_fingerprint"] == "verified" and summary["routes"]["parent"] > 0
+    assert summary["weights_sha256"] == results.read_summary(parent_cert)["weights_sha256"]  # the same f
     assert summary["alpha_parent"] == 0.001 and summary["alpha_disagreement"] == pytest.approx(0.001)
     tested = [r for r in rows if r["route"] == "disagreement"]
     assert tested and all(r["disagreements"] == 0 for r in tested)
@@ -61,8 +63,8 @@ def test_identical_variant_routes_and_counts_both_models(runs, parent_cert, tmp_
         assert row["predict"] in (parent_rows[row["idx"]]["predict"], -1)
         assert row["pA_lower"] < parent_rows[row["idx"]]["pA_lower"]
     for row in rows:
-        if row["route"] == "parent":
-            assert parent_rows[row["idx"]]["predict"] == -1 and row["samples"] == 0
+        if row["route"] == "parent":  # kept abstentions: no certificate, no bound on f' (pA_lower 0)
+            assert parent_rows[row["idx"]]["predict"] == -1 and row["samples"] == 0 and row["pA_lower"] == 0.0
     assert summary["classifier_evaluations"] == sum(r["samples"] for r in rows)
     assert summary["routes"] == {k: sum(r["route"] == k for r in rows) for k in summary["routes"]}
 
@@ -84,8 +86,9 @@ def test_older_parent_without_pA_lower_is_recovered_from_the_radius(runs, parent
     old.mkdir()
     rows = results.read_tsv(parent_cert / "certify.tsv")
     results.write_tsv(old / "certify.tsv", [{k: v for k, v in r.items() if k != "pA_lower"} for r in rows])
-    (old / "summary.json").write_text((parent_cert / "summary.json").read_text())
-    incremental(runs[0], old, tmp_path / "out", "certify.fallback=none")
+    summary = json.loads((parent_cert / "summary.json").read_text())
+    (old / "summary.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "weights_sha256"}))
+    assert incremental(runs[0], old, tmp_path / "out", "certify.fallback=none")["parent_fingerprint"] == "unverified"
     new = {r["idx"]: r for r in results.read_tsv(tmp_path / "out" / "certify.tsv")}
     exact = {r["idx"]: r for r in rows}
     for idx, row in new.items():
@@ -111,6 +114,42 @@ def test_refuses_a_parent_whose_run_cannot_be_loaded(runs, parent_cert, tmp_path
     (orphan / "summary.json").write_text(json.dumps(summary))
     with pytest.raises(UserError, match="cannot be loaded"):
         incremental(runs[1], orphan, tmp_path / "out")
+
+
+def test_refuses_a_parent_whose_labels_differ_from_this_dataset(runs, parent_cert, tmp_path):
+    """Same idx, another image: a parent row whose label is not this dataset's label at that idx."""
+    other = tmp_path / "other"
+    other.mkdir()
+    rows = results.read_tsv(parent_cert / "certify.tsv")
+    rows[2] = rows[2] | {"label": (rows[2]["label"] + 1) % 10}
+    results.write_tsv(other / "certify.tsv", rows)
+    (other / "summary.json").write_text((parent_cert / "summary.json").read_text())
+    with pytest.raises(UserError, match=f"other labels for images \\[{rows[2]['idx']}\\]"):
+        incremental(runs[1], other, tmp_path / "out")
+    assert not (tmp_path / "out" / "certify.tsv").exists()
+
+
+def test_refuses_a_parent_run_that_now_holds_other_weights(runs, parent_cert, tmp_path):
+    """The parent certificate is about the weights it certified: a run directory that holds other ones
+    (here: another run's, as after training resumed in place) cannot serve as its f."""
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    (moved / "certify.tsv").write_text((parent_cert / "certify.tsv").read_text())
+    summary = json.loads((parent_cert / "summary.json").read_text()) | {"run": str(runs[1])}
+    (moved / "summary.json").write_text(json.dumps(summary))
+    with pytest.raises(UserError, match="other weights"):
+        incremental(runs[1], moved, tmp_path / "out")
+    assert not (tmp_path / "out" / "certify.tsv").exists()
+    done = subprocess.run([sys.executable, "-m", "peftsmooth", "certify", f"run={runs[1]}", *INCREMENTAL,
+                           f"certify.reference={moved}"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "other weights" in done.stderr and not list(runs[1].glob("certify/incremental*"))
+
+
+def test_parent_f_runs_at_its_own_precision_under_a_bf16_variant(runs, parent_cert, tmp_path):
+    summary = incremental(runs[1], parent_cert, tmp_path / "bf16", "certify.precision=bf16")
+    assert summary["precision"] == "bf16" and summary["parent_precision"] == "fp32" and summary["complete"]
+    assert summary["parent_merged_adapters"] == [] and summary["parent_fingerprint"] == "verified"
 
 
 def test_cli_refusal_is_one_line_and_exit_2(runs, tmp_path):

@@ -51,3 +51,22 @@ def test_radius_is_sigma_times_gaussian_quantile():
     assert radius(0.25, 0.99) == pytest.approx(0.25 * norm.ppf(0.99))
     assert radius(1.0, 0.3) < 0
     assert math.isinf(radius(1.0, 1.0))
+
+
+@pytest.mark.parametrize("n", [1000, 10**6, 10**8])
+@pytest.mark.parametrize("alpha", [1e-6, 0.001, 0.025])
+def test_upper_bound_keeps_its_relative_precision_at_small_disagreement(n, alpha):
+    """The one-sided Clopper-Pearson upper bound, computed directly: at nA = 0 it is exactly
+    1 - alpha^(1/n) (= -expm1(ln(alpha)/n), full precision), and for small nA it solves
+    P(Binomial(n, u) <= nA) = alpha to relative precision (1 - lower(n - nA) keeps only ~1e-16 / u)."""
+    import numpy as np
+
+    from peftsmooth.certify.stats import clopper_pearson_upper
+
+    assert clopper_pearson_upper(0, n, alpha) == pytest.approx(-math.expm1(math.log(alpha) / n), rel=1e-13)
+    for nA in (1, 3, 10):
+        u = clopper_pearson_upper(nA, n, alpha)
+        assert binom.cdf(nA, n, u) == pytest.approx(alpha, rel=1e-8)
+    many = clopper_pearson_upper(np.array([0, 1, 3, n]), np.array([n] * 4), alpha)
+    assert many.tolist() == [clopper_pearson_upper(k, n, alpha) for k in (0, 1, 3)] + [1.0]
+    assert clopper_pearson_upper(n, n, alpha) == 1.0
