@@ -49,7 +49,8 @@ def usage() -> str:
         "commands:",
     ]
     lines += [f"  {name:<{width}}  {desc}" for name, (_, desc) in COMMANDS.items()]
-    lines += ["", "`peftsmooth COMMAND --help` shows the command's config groups and options."]
+    lines += ["", "`peftsmooth COMMAND --help` shows the command's config groups and options, each with its default",
+              "and what it means, and what of the defaults needs network or a GPU."]
     return "\n".join(lines)
 
 
@@ -58,6 +59,19 @@ def command_help(command: str) -> str:
     page = DOCS_PAGES[command]
     return (f"peftsmooth {command}: {COMMANDS[command][1]}\n"
             f"Documentation: docs/{page}.md (the site: `mkdocs serve`, then http://127.0.0.1:8000/{page}/)\n")
+
+
+def _print_help(command: str, overrides: list[str]) -> None:
+    """The command's purpose, then its groups and keys (composed with `overrides`) with what each means."""
+    from peftsmooth.helptext import render_help
+    from peftsmooth.precheck import validate_cli_args
+
+    try:
+        validate_cli_args(command, [*overrides, "--cfg", "job"], COMMANDS[command][0])  # bad choices, bad keys
+        print(render_help(command, [o for o in overrides if "=" in o and not o.startswith("-")],
+                          command_help(command)), end="")
+    except UserError as err:
+        die(command, str(err))
 
 
 def _rewrite_aliases(command: str, args: list[str]) -> list[str]:
@@ -109,7 +123,8 @@ def main(argv: list[str] | None = None) -> None:
         die("", f"unknown command {command!r} (choose from: {', '.join(COMMANDS)})")
     rest = _rewrite_aliases(command, _rewrite_positionals(command, rest))
     if "--help" in rest or "-h" in rest:
-        print(command_help(command))
+        _print_help(command, [a for a in rest if a not in ("--help", "-h")])
+        return
     from peftsmooth.precheck import validate_cli_args
 
     try:
