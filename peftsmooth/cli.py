@@ -61,6 +61,21 @@ def command_help(command: str) -> str:
             f"Documentation: docs/{page}.md (the site: `mkdocs serve`, then http://127.0.0.1:8000/{page}/)\n")
 
 
+def quiet_third_party() -> None:
+    """Inside a command, the libraries' own progress bars (huggingface_hub downloads, transformers'
+    "Loading weights") stay off; ours (rich, on a terminal) stays. HF_HUB_DISABLE_PROGRESS_BARS=0 in
+    the environment turns theirs back on."""
+    import os
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] != "1":
+        return
+    if "huggingface_hub" in sys.modules:  # read the variable at import: switch off what was imported already
+        sys.modules["huggingface_hub"].utils.disable_progress_bars()
+    if "transformers" in sys.modules:
+        sys.modules["transformers"].utils.logging.disable_progress_bar()
+
+
 def _print_help(command: str, overrides: list[str]) -> None:
     """The command's purpose, then its groups and keys (composed with `overrides`) with what each means."""
     from peftsmooth.helptext import render_help
@@ -131,6 +146,7 @@ def main(argv: list[str] | None = None) -> None:
         validate_cli_args(command, rest, COMMANDS[command][0])
     except UserError as err:
         die(command, str(err))
+    quiet_third_party()
     module = importlib.import_module(COMMANDS[command][0])
     sys.argv = [f"peftsmooth {command}", *rest]
     module.main()

@@ -104,3 +104,34 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, args, needle):
     assert not list(tmp_path.glob("outputs/**/run.json"))
     leftover = [p for p in tmp_path.glob("outputs/*/*/*") if p.name != ".hydra" and p.suffix != ".log"]
     assert not leftover, leftover
+
+
+def test_third_party_progress_bars_are_off_inside_commands(monkeypatch):
+    """transformers' "Loading weights" bar and the hub's download bars are silenced; ours is rich's."""
+    import huggingface_hub
+    import transformers
+
+    from peftsmooth.cli import quiet_third_party
+
+    monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS", raising=False)
+    was_hub, was_tf = huggingface_hub.utils.are_progress_bars_disabled(), transformers.utils.logging.is_progress_bar_enabled()
+    try:
+        quiet_third_party()
+        assert os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1"
+        assert huggingface_hub.utils.are_progress_bars_disabled()
+        assert not transformers.utils.logging.is_progress_bar_enabled()
+    finally:
+        if not was_hub:
+            huggingface_hub.utils.enable_progress_bars()
+        if was_tf:
+            transformers.utils.logging.enable_progress_bar()
+
+
+def test_data_workers_fit_the_cores(monkeypatch):
+    from peftsmooth.train.settings import TrainSettings, data_workers
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    assert data_workers("auto") == 1 and data_workers(3) == 3
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)))
+    assert data_workers("auto") == 4
+    assert TrainSettings.from_cfg({"num_workers": "auto"}).num_workers == "auto"
