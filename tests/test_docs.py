@@ -81,8 +81,9 @@ def test_relative_links_and_anchors_resolve(page):
     assert not broken, broken
 
 
-def bash_blocks(page: Path) -> list[list[str]]:
-    """The lines of the page's bash blocks, one list per block, continuation lines joined, comments cut."""
+def bash_blocks(page: Path, keep_comments: bool = False) -> list[list[str]]:
+    """The lines of the page's bash blocks, one list per block, continuation lines joined, comments cut
+    (whole comment lines kept with `keep_comments`)."""
     blocks, block, in_bash = [], [], False
     for line in page.read_text().splitlines():
         stripped = line.strip()
@@ -94,28 +95,31 @@ def bash_blocks(page: Path) -> list[list[str]]:
             in_bash = not in_bash and stripped.lstrip("`~").strip() in ("bash", "sh", "shell")
             continue
         if in_bash:
-            block.append(line.split(" #")[0] if not stripped.startswith("#") else "")
+            block.append(line.split(" #")[0] if not stripped.startswith("#") else (stripped if keep_comments else ""))
     return blocks
 
 
-def bash_commands(page: Path) -> list[tuple[str, dict[str, str]]]:
-    """The `peftsmooth ...` commands of the page's bash blocks (also inside `for ...; do ...; done`),
-    each with the shell variables its block sets before it (a loop's variable: its first value)."""
-    commands = []
-    for block in bash_blocks(page):
-        variables: dict[str, str] = {}
-        for line in block:
-            for part in re.split(r";\s*", line):
-                part = part.strip()
-                loop = re.match(r"^for (\w+) in (\S+)", part)
-                assign = re.match(r"^([A-Za-z_]\w*)=(\"[^\"]*\"|\S+)$", part)
-                if loop:
-                    variables[loop[1]] = loop[2]
-                elif assign:
-                    variables[assign[1]] = assign[2].strip('"')
-                elif part.startswith("do peftsmooth ") or part.startswith("peftsmooth "):
-                    commands.append((part.removeprefix("do ").strip(), dict(variables)))
+def block_commands(block: list[str]) -> list[tuple[str, dict[str, str]]]:
+    """The `peftsmooth ...` commands of one bash block (also inside `for ...; do ...; done`), each with
+    the shell variables the block sets before it (a loop's variable: its first value)."""
+    commands, variables = [], {}
+    for line in block:
+        for part in re.split(r";\s*", line):
+            part = part.strip()
+            loop = re.match(r"^for (\w+) in (\S+)", part)
+            assign = re.match(r"^([A-Za-z_]\w*)=(\"[^\"]*\"|\S+)$", part)
+            if loop:
+                variables[loop[1]] = loop[2]
+            elif assign:
+                variables[assign[1]] = " ".join(assign[2].strip('"').split())
+            elif part.startswith("do peftsmooth ") or part.startswith("peftsmooth "):
+                commands.append((part.removeprefix("do ").strip(), dict(variables)))
     return commands
+
+
+def bash_commands(page: Path) -> list[tuple[str, dict[str, str]]]:
+    """The `peftsmooth ...` commands of the page's bash blocks, with their blocks' variables."""
+    return [command for block in bash_blocks(page) for command in block_commands(block)]
 
 
 COMMANDS = [(page.name, c, v) for page in PAGES for c, v in bash_commands(page)]
