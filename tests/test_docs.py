@@ -136,7 +136,8 @@ EXEMPT: dict[str, str] = {}
 @pytest.fixture(scope="session")
 def made(tmp_path_factory):
     """Real directories for the docs' placeholders, made on a tiny model on digits: a clean base run,
-    two LoRA runs from it, a certification, a denoiser run, an imported log and a combined adapter."""
+    two LoRA runs from it, a certification (and one in two shards), a denoiser run, an imported log
+    and a combined adapter."""
     from conftest import TINY, compose
 
     from peftsmooth.certify import results
@@ -159,8 +160,11 @@ def made(tmp_path_factory):
             run_train(compose("train", [*tiny, *quick, "peft=lora", f"sigma={sigma}", f"base={root / 'base'}"],
                               run_dir=root / name))
         cert = root / "certification"
-        run_certify(compose("certify", [f"run={root / 'lora'}", "device=cpu", "certify.n0=4", "certify.n=8",
-                                        "certify.max=2", "certify.skip=50"], run_dir=cert))
+        small = [f"run={root / 'lora'}", "device=cpu", "certify.n0=4", "certify.n=8", "certify.max=2", "certify.skip=50"]
+        run_certify(compose("certify", small, run_dir=cert))
+        for shard in (0, 1):  # a sharded certification, for merge
+            run_certify(compose("certify", [*small, f"certify.shard={shard}", "certify.num_shards=2"],
+                                run_dir=root / "sharded" / f"shard{shard}of2"))
         run_denoise_baseline(compose("denoise-baseline", [
             *tiny, *quick, f"base={root / 'base'}", "sigma=0.25", "denoiser=dncnn", "denoiser.arch.depth=2",
             "denoiser.arch.channels=4", "denoiser.epochs=1"], run_dir=root / "denoiser"))
@@ -239,7 +243,7 @@ def resolve(command: str, variables: dict[str, str], made: Path) -> list[str]:
     argv: list[str] = []
     words = shlex.split(text)[1:]
     sweep = "-m" in words or "--multirun" in words
-    positional = {"report": made, "merge": made / "certification", "combine": made / "lora",
+    positional = {"report": made, "merge": made / "sharded", "combine": made / "lora",
                   "import": made / "certification" / "certify.tsv"}
     for arg in words:
         key, eq, value = arg.partition("=")
