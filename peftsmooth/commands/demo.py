@@ -125,7 +125,7 @@ def run_demo(cfg) -> dict:
                       *[f"{row['certified_accuracy'][r]:.3f}" for r in radii], f"{row['acr']:.3f}")
     console.print(table)
     console.print(f"results: {out}/summary.json, {out}/curve.png, {out}/curve.csv, {out}/demo.json")
-    console.print(_time_line(started, cpu_before, load_before))
+    print(_time_line(started, cpu_before, load_before), flush=True)  # one line, however narrow the terminal
     return rows
 
 
