@@ -49,7 +49,8 @@ def usage() -> str:
         "commands:",
     ]
     lines += [f"  {name:<{width}}  {desc}" for name, (_, desc) in COMMANDS.items()]
-    lines += ["", "`peftsmooth COMMAND --help` shows the command's config groups and options."]
+    lines += ["", "`peftsmooth COMMAND --help` shows the command's config groups and options, each with its default",
+              "and what it means, and what of the defaults needs network or a GPU."]
     return "\n".join(lines)
 
 
@@ -58,6 +59,34 @@ def command_help(command: str) -> str:
     page = DOCS_PAGES[command]
     return (f"peftsmooth {command}: {COMMANDS[command][1]}\n"
             f"Documentation: docs/{page}.md (the site: `mkdocs serve`, then http://127.0.0.1:8000/{page}/)\n")
+
+
+def quiet_third_party() -> None:
+    """Inside a command, the libraries' own progress bars (huggingface_hub downloads, transformers'
+    "Loading weights") stay off; ours (rich, on a terminal) stays. HF_HUB_DISABLE_PROGRESS_BARS=0 in
+    the environment turns theirs back on."""
+    import os
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] != "1":
+        return
+    if "huggingface_hub" in sys.modules:  # read the variable at import: switch off what was imported already
+        sys.modules["huggingface_hub"].utils.disable_progress_bars()
+    if "transformers" in sys.modules:
+        sys.modules["transformers"].utils.logging.disable_progress_bar()
+
+
+def _print_help(command: str, overrides: list[str]) -> None:
+    """The command's purpose, then its groups and keys (composed with `overrides`) with what each means."""
+    from peftsmooth.helptext import render_help
+    from peftsmooth.precheck import validate_cli_args
+
+    try:
+        validate_cli_args(command, [*overrides, "--cfg", "job"], COMMANDS[command][0])  # bad choices, bad keys
+        print(render_help(command, [o for o in overrides if "=" in o and not o.startswith("-")],
+                          command_help(command)), end="")
+    except UserError as err:
+        die(command, str(err))
 
 
 def _rewrite_aliases(command: str, args: list[str]) -> list[str]:
@@ -109,13 +138,15 @@ def main(argv: list[str] | None = None) -> None:
         die("", f"unknown command {command!r} (choose from: {', '.join(COMMANDS)})")
     rest = _rewrite_aliases(command, _rewrite_positionals(command, rest))
     if "--help" in rest or "-h" in rest:
-        print(command_help(command))
+        _print_help(command, [a for a in rest if a not in ("--help", "-h")])
+        return
     from peftsmooth.precheck import validate_cli_args
 
     try:
         validate_cli_args(command, rest, COMMANDS[command][0])
     except UserError as err:
         die(command, str(err))
+    quiet_third_party()
     module = importlib.import_module(COMMANDS[command][0])
     sys.argv = [f"peftsmooth {command}", *rest]
     module.main()

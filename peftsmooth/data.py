@@ -184,6 +184,8 @@ def check_folder(cfg) -> None:
     if not cfg.get("root"):
         raise UserError("dataset=folder needs dataset.root=<dir> holding train/<class>/* and test/<class>/*")
     root = Path(str(cfg.root)).expanduser()
+    if not root.is_dir():
+        raise UserError(f"dataset.root={cfg.root}: " + ("not a directory" if root.exists() else "no such directory"))
     splits = {s: folder_split(root, s) for s in ("train", "test")}
     for split, path in splits.items():
         if path is None:

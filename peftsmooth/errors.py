@@ -18,10 +18,20 @@ def require(condition: bool, message: str) -> None:
         raise UserError(message)
 
 
+def did_you_mean(word: str, options: Iterable[object]) -> str:
+    """' (did you mean X?)' for the closest of `options` to a mistyped `word`, or '' when none is close."""
+    import difflib
+
+    close = difflib.get_close_matches(str(word), [str(o) for o in options], n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
 def choice_error(key: str, value: object, allowed: Iterable[object]) -> UserError:
-    """The standard 'unknown choice' error: names the key, the bad value and the allowed values."""
-    allowed = ", ".join(str(a) for a in sorted(allowed, key=str))
-    return UserError(f"{key}={value!s} is not allowed (choose from: {allowed})")
+    """The standard 'unknown choice' error: names the key, the bad value, the closest allowed value and
+    all of them."""
+    allowed = sorted(allowed, key=str)
+    hint = did_you_mean(str(value), allowed).replace("mean ", f"mean {key}=")
+    return UserError(f"{key}={value!s} is not allowed{hint} (choose from: {', '.join(str(a) for a in allowed)})")
 
 
 def die(command: str, message: str) -> NoReturn:

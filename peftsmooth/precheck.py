@@ -135,12 +135,87 @@ def _compose(command: str, job: list[str]):
     try:
         return compose(config_name=name, overrides=job, return_hydra_config=True)
     except (HydraException, OmegaConfBaseException) as err:
+        unknown = unknown_key_error(name, plain)
+        if unknown is not None:
+            raise unknown from None
         if plain == job:
             raise compose_error(err) from None
     try:
         return compose(config_name=name, overrides=plain, return_hydra_config=True)
     except (HydraException, OmegaConfBaseException) as err:
         raise compose_error(err) from None
+
+
+def unknown_key_error(name: str, job: list[str]) -> UserError | None:
+    """A UserError for the first override of `job` that names no key of the config and no config
+    group, with the closest key or group (`modle=` -> `model=`, `certify.nmax` -> `certify.n_max`)."""
+    from hydra import compose
+    from omegaconf import OmegaConf
+
+    from peftsmooth.config import conf_dir
+    from peftsmooth.errors import did_you_mean
+
+    root = conf_dir()
+    groups = [o for o in job if (root / o.partition("=")[0]).is_dir()]
+    try:
+        cfg = compose(config_name=name, overrides=groups)
+    except Exception:  # noqa: BLE001 - the group choices fail on their own: Hydra's message says why
+        return None
+    known = set(_paths(OmegaConf.to_container(cfg, resolve=False)))
+    known |= {p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(("_", "hydra"))}
+    for override in job:
+        key, eq, _ = override.partition("=")
+        if not eq or key.startswith(("+", "~")) or key in known:
+            continue
+        parent = key.rpartition(".")[0]
+        if parent and parent in known and not _is_open(cfg, parent):
+            options = [k for k in known if k.startswith(parent + ".") and "." not in k[len(parent) + 1:]]
+            return UserError(f"{key}: {parent} has no such key{did_you_mean(key, options)}"
+                             f"{_in_other_choices(key, options)}; its keys: "
+                             f"{', '.join(sorted(o.rpartition('.')[2] for o in options))}")
+        if not parent:
+            return UserError(f"{key}: no such key or config group{did_you_mean(key, known)} "
+                             f"(`peftsmooth {name.replace('_', '-')} --help` lists them)")
+    return None
+
+
+def _in_other_choices(key: str, present: list[str]) -> str:
+    """'; certify=sequential has certify.n_max' when another choice of the key's group has a key close to
+    it that the present choice (whose keys are `present`) lacks (`certify.nmax` under certify=cohen)."""
+    import difflib
+
+    from omegaconf import OmegaConf
+
+    from peftsmooth.config import conf_dir, group_choices
+
+    group, _, inner = key.partition(".")
+    if not (conf_dir() / group).is_dir() or "." in inner:
+        return ""
+    for choice in group_choices(group):
+        keys = [str(k) for k in OmegaConf.load(conf_dir() / group / f"{choice}.yaml")
+                if k != "defaults" and f"{group}.{k}" not in present]
+        close = difflib.get_close_matches(inner, keys, n=1, cutoff=0.8)
+        if close:
+            return f"; {group}={choice} has {group}.{close[0]}"
+    return ""
+
+
+def _paths(node: Any, prefix: str = "") -> list[str]:
+    """Every dotted key of a nested dict, inner nodes included."""
+    out = []
+    if isinstance(node, dict):
+        for key, value in node.items():
+            path = f"{prefix}.{key}" if prefix else str(key)
+            out += [path, *_paths(value, path)]
+    return out
+
+
+def _is_open(cfg, key: str) -> bool:
+    """Whether a node takes new keys (an empty dict such as model.kwargs: `kwargs.x=` is Hydra's to refuse)."""
+    from omegaconf import OmegaConf
+
+    node = OmegaConf.select(cfg, key)
+    return node is None or (OmegaConf.is_dict(node) and len(node) == 0)
 
 
 def compose_error(err: Exception) -> UserError:

@@ -145,23 +145,27 @@ class RunInfo(Mapping):
         return info
 
     @classmethod
-    def read(cls, run_dir: str | Path) -> "RunInfo":
-        """Read and check `run.json`; a directory without a valid one is a one-line UserError."""
-        path = Path(str(run_dir)).expanduser() / RUN_FILE
+    def read(cls, run_dir: str | Path, key: str = "run") -> "RunInfo":
+        """Read and check `run.json`; a directory without a valid one is a one-line UserError that names
+        `key`, the option the user gave the directory with (run, base, resume, ...)."""
+        folder = Path(str(run_dir)).expanduser()
+        path = folder / RUN_FILE
+        if not folder.exists():
+            raise UserError(f"{key}={run_dir}: no such directory")
         if not path.is_file():
-            raise UserError(f"run={run_dir} is not a run directory (no {RUN_FILE}); "
+            raise UserError(f"{key}={run_dir} is not a run directory (no {RUN_FILE}); "
                             f"give a directory written by train or denoise-baseline")
         try:
             values = read_json(path)
         except json.JSONDecodeError as err:
-            raise UserError(f"run={run_dir}: {RUN_FILE} is not valid JSON ({err.msg})") from err
+            raise UserError(f"{key}={run_dir}: {RUN_FILE} is not valid JSON ({err.msg})") from err
         if not isinstance(values, dict):
-            raise UserError(f"run={run_dir}: {RUN_FILE} is not a JSON object")
+            raise UserError(f"{key}={run_dir}: {RUN_FILE} is not a JSON object")
         for key in REQUIRED:
             if key not in values:
-                raise UserError(f"run={run_dir}: {RUN_FILE} has no {key!r}")
+                raise UserError(f"{key}={run_dir}: {RUN_FILE} has no {key!r}")
         info = cls.from_fields(**values)
-        info.check(f"run={run_dir}")
+        info.check(f"{key}={run_dir}")
         return info
 
     def adaptation(self):
@@ -181,9 +185,9 @@ class RunInfo(Mapping):
         return len(self.as_dict())
 
 
-def read_run_info(run_dir: str | Path) -> RunInfo:
-    """`run.json` of a run directory, checked (see RunInfo.read)."""
-    return RunInfo.read(run_dir)
+def read_run_info(run_dir: str | Path, key: str = "run") -> RunInfo:
+    """`run.json` of a run directory, checked (see RunInfo.read; errors name `key`)."""
+    return RunInfo.read(run_dir, key)
 
 
 def write_run_info(run_dir: str | Path, **values: Any) -> RunInfo:

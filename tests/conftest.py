@@ -90,3 +90,12 @@ def hydra_logging():
         if handler not in root.handlers:
             root.addHandler(handler)
     root.setLevel(level)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Lines a test recorded as its `summary` property (e.g. how many documented commands were
+    checked), printed at the end of the run, from xdist workers too."""
+    for report in terminalreporter.stats.get("passed", []):
+        for name, value in getattr(report, "user_properties", []):
+            if name == "summary":
+                terminalreporter.write_line(str(value))

@@ -37,20 +37,22 @@ def test_unknown_command_is_one_line_exit_2(tmp_path):
     assert out.stderr.startswith("peftsmooth: error: unknown command 'trian'")  # no stray space before the colon
 
 
-def test_train_help_shows_config_groups(tmp_path):
+def test_train_help_shows_its_config_groups_and_only_those(tmp_path):
     out = peftsmooth("train", "--help", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     for group in ("dataset", "model", "peft"):
-        assert f"{group}:" in out.stdout
+        assert f"  {group}=" in out.stdout
+    assert "certify" not in out.stdout and "denoiser" not in out.stdout
+    assert "peftsmooth train GROUP=CHOICE --help" in out.stdout
 
 
-def test_command_help_shows_its_purpose_and_documentation_page_above_hydras(tmp_path):
+def test_command_help_shows_its_purpose_and_documentation_page_first(tmp_path):
     out = peftsmooth("certify", "--help", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     first = out.stdout.splitlines()[:2]
     assert first[0] == "peftsmooth certify: certify a classifier by randomized smoothing (Cohen et al. 2019)"
     assert first[1].startswith("Documentation: docs/certification.md")
-    assert out.stdout.index("Documentation:") < out.stdout.index("== Configuration groups ==")  # above Hydra's
+    assert out.stdout.index("Documentation:") < out.stdout.index("Config groups")
     from peftsmooth.cli import COMMANDS, DOCS_PAGES
 
     docs = Path(__file__).resolve().parents[1] / "docs"
@@ -102,3 +104,34 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, args, needle):
     assert not list(tmp_path.glob("outputs/**/run.json"))
     leftover = [p for p in tmp_path.glob("outputs/*/*/*") if p.name != ".hydra" and p.suffix != ".log"]
     assert not leftover, leftover
+
+
+def test_third_party_progress_bars_are_off_inside_commands(monkeypatch):
+    """transformers' "Loading weights" bar and the hub's download bars are silenced; ours is rich's."""
+    import huggingface_hub
+    import transformers
+
+    from peftsmooth.cli import quiet_third_party
+
+    monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS", raising=False)
+    was_hub, was_tf = huggingface_hub.utils.are_progress_bars_disabled(), transformers.utils.logging.is_progress_bar_enabled()
+    try:
+        quiet_third_party()
+        assert os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1"
+        assert huggingface_hub.utils.are_progress_bars_disabled()
+        assert not transformers.utils.logging.is_progress_bar_enabled()
+    finally:
+        if not was_hub:
+            huggingface_hub.utils.enable_progress_bars()
+        if was_tf:
+            transformers.utils.logging.enable_progress_bar()
+
+
+def test_data_workers_fit_the_cores(monkeypatch):
+    from peftsmooth.train.settings import TrainSettings, data_workers
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    assert data_workers("auto") == 1 and data_workers(3) == 3
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)))
+    assert data_workers("auto") == 4
+    assert TrainSettings.from_cfg({"num_workers": "auto"}).num_workers == "auto"

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -20,6 +21,8 @@ def test_demo_runs_the_real_pipeline(tmp_path):
     done = subprocess.run([sys.executable, "-m", "peftsmooth", *args], cwd=tmp_path, capture_output=True,
                           text=True, timeout=600, env={**os.environ, "HYDRA_FULL_ERROR": "1"})
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    last = done.stdout.strip().splitlines()[-1]  # its own cost, for the README's time, on one line
+    assert re.match(r"demo time: \d+ min \d+ s wall, \d+ s CPU, on \d+ cores \(load average", last), last
     summary = json.loads((out_dir / "summary.json").read_text())
     assert summary["num_images"] == 6 and summary["n"] == 64 and summary["sigma"] == 0.25
     assert 0.0 <= summary["acr"] and 0.0 <= summary["clean_accuracy"] <= 1.0

@@ -12,6 +12,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from rich.console import Console
@@ -63,7 +64,28 @@ def check_demo(cfg) -> None:
     Settings.from_config(OmegaConf.merge(OmegaConf.load(conf_dir() / "certify" / "cohen.yaml"), cfg.certify))
 
 
+def _cpu_seconds() -> float:
+    """User + system CPU seconds of this process and of the finished steps it ran."""
+    import resource
+
+    own, steps = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + steps.ru_utime + steps.ru_stime
+
+
+def _time_line(started: float, cpu_before: float, load_before: float) -> str:
+    """What the demo cost on this machine: wall time, CPU seconds, cores and load (README's numbers)."""
+    import os
+
+    wall = time.monotonic() - started
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return (f"demo time: {int(wall // 60)} min {wall % 60:.0f} s wall, {_cpu_seconds() - cpu_before:.0f} s CPU, "
+            f"on {cores} cores (load average {load_before:.2f} at the start, {os.getloadavg()[0]:.2f} at the end)")
+
+
 def run_demo(cfg) -> dict:
+    import os
+
+    started, cpu_before, load_before = time.monotonic(), _cpu_seconds(), os.getloadavg()[0]
     check_demo(cfg)
     console = Console()
     out = output_dir()
@@ -103,6 +125,7 @@ def run_demo(cfg) -> dict:
                       *[f"{row['certified_accuracy'][r]:.3f}" for r in radii], f"{row['acr']:.3f}")
     console.print(table)
     console.print(f"results: {out}/summary.json, {out}/curve.png, {out}/curve.csv, {out}/demo.json")
+    print(_time_line(started, cpu_before, load_before), flush=True)  # one line, however narrow the terminal
     return rows
 
 

@@ -32,7 +32,7 @@ def _base_info(cfg) -> RunInfo | None:
         return None
     from peftsmooth.runs import read_run_info
 
-    info = read_run_info(cfg.base)
+    info = read_run_info(cfg.base, "base")
     if info.finished is False:
         raise UserError(f"base={cfg.base} has not finished training (run.json says finished=false)")
     if info.front:
@@ -71,7 +71,7 @@ def _method(name: str, denoiser_cfg) -> str:
     if denoiser_cfg.get("init"):
         from peftsmooth.runs import read_run_info
 
-        init_objective = read_run_info(denoiser_cfg.init).extra.get("objective") or "init"
+        init_objective = read_run_info(denoiser_cfg.init, "denoiser.init").extra.get("objective") or "init"
         method += f"+{init_objective}"
     return method
 
@@ -104,7 +104,7 @@ def check_denoise_baseline(cfg) -> None:
         build_objective(str(cfg.denoiser.objective), "denoiser.objective")
         check_precision(TrainSettings.from_cfg(cfg.train), resolve_device(cfg.device))
     if cfg.denoiser.get("init"):
-        read_run_info(cfg.denoiser.init)
+        read_run_info(cfg.denoiser.init, "denoiser.init")
     check_resume(cfg.get("resume"), "denoise-baseline")
     if _base_info(cfg) is None:
         check_model_config(cfg.model, cfg.dataset.image_size)

@@ -32,7 +32,7 @@ def resolve_model(cfg):
         model_cfg = OmegaConf.create(OmegaConf.to_container(cfg.model, resolve=True))
         return model_cfg, model_label(cfg.model, hydra_choice("model")), None
     base = Path(str(cfg.base)).expanduser().resolve()
-    info = read_run_info(base)
+    info = read_run_info(base, "base")
     weights = base / MODEL_FILE
     require(weights.is_file(), f"base={cfg.base} has no {MODEL_FILE} (only peft=full runs write one; "
                                f"train the base with `peftsmooth train peft=full sigma=0`)")

@@ -65,7 +65,7 @@ def read_source(run) -> Source:
     from peftsmooth.adapt.common import BUFFERS_FILE
 
     path = Path(str(run)).expanduser().resolve()
-    info = read_run_info(path)
+    info = read_run_info(path, "runs")
     require(info.finished is not False, f"run={run} is not finished (run.json has finished=false)")
     require(not info.front, f"run={run} has a front stage ({(info.front or {}).get('_target_')}); combine mixes "
                             f"adapters on one backbone, not denoisers or coordinators")

@@ -79,7 +79,7 @@ from peftsmooth.errors import require
 from peftsmooth.runtime import PRECISIONS, mix_seed
 from peftsmooth.train.losses import Batch, CrossEntropy, Objective, Progress, add_noise
 from peftsmooth.train.phases import HeadOnly, Phase, phase_of, plan
-from peftsmooth.train.settings import TrainSettings, check_precision
+from peftsmooth.train.settings import TrainSettings, check_precision, data_workers
 from peftsmooth.train.state import (
     CHECKPOINT,
     METRICS,
@@ -222,7 +222,7 @@ def _epoch_loader(train_set: Dataset, per_rank: int, settings: TrainSettings, se
                                      shuffle=True, seed=seed, drop_last=False)
         sampler.set_epoch(epoch)
     return DataLoader(train_set, batch_size=per_rank, shuffle=sampler is None, sampler=sampler,
-                      generator=generator, num_workers=int(settings.num_workers),
+                      generator=generator, num_workers=data_workers(settings.num_workers),
                       pin_memory=dist_info.device.type == "cuda", drop_last=False)
 
 

@@ -34,7 +34,7 @@ def check_resume(resume, command: str) -> Path | None:
     require((path / CHECKPOINT).is_file() or (path / RUN_FILE).is_file(),
             f"resume={resume} is not a {command} run directory (no {CHECKPOINT} or {RUN_FILE})")
     if (path / RUN_FILE).is_file():
-        written_by = read_run_info(path).command
+        written_by = read_run_info(path, "resume").command
         require(written_by in (None, command), f"resume={resume} is a {written_by} run; give a {command} run directory")
     return path.resolve()
 

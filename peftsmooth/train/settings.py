@@ -27,7 +27,7 @@ class TrainSettings:
     grad_accum: int = 1               # micro-batches per optimizer step
     clip_grad: Optional[float] = 1.0  # max gradient norm (null: no clipping)
     precision: str = "fp32"           # fp32 | bf16 | fp16 (fp16 needs a GPU)
-    num_workers: int = 0
+    num_workers: Any = "auto"          # DataLoader workers; auto: what the cores allow (data_workers)
     eval_batch_size: int = 256
     max_steps_per_epoch: Optional[int] = None  # cap optimizer steps per epoch (quick runs, tests)
     max_eval: Optional[int] = None    # evaluate on the first max_eval test images only
@@ -54,7 +54,8 @@ class TrainSettings:
         require(float(self.lr) > 0, f"train.lr={self.lr} must be > 0")
         require(float(self.weight_decay) >= 0, f"train.weight_decay={self.weight_decay} must be >= 0")
         require(float(self.warmup_epochs) >= 0, f"train.warmup_epochs={self.warmup_epochs} must be >= 0")
-        require(int(self.num_workers) >= 0, f"train.num_workers={self.num_workers} must be >= 0")
+        require(self.num_workers == "auto" or (str(self.num_workers).isdigit() and not isinstance(self.num_workers, bool)),
+                f"train.num_workers={self.num_workers} must be auto or an integer >= 0")
         require(int(self.eval_every) >= 1, f"train.eval_every={self.eval_every} must be >= 1")
         require(self.max_steps_per_epoch is None or int(self.max_steps_per_epoch) >= 1,
                 f"train.max_steps_per_epoch={self.max_steps_per_epoch} must be >= 1 or null")
@@ -82,3 +83,14 @@ def check_precision(settings: TrainSettings, device: torch.device) -> None:
     """fp16 autocast needs a GPU (its gradient scaler has no CPU counterpart here)."""
     if settings.precision == "fp16" and device.type != "cuda":
         raise UserError(f"train.precision=fp16 needs a GPU (device is {device}); use bf16 or fp32")
+
+
+def data_workers(num_workers: Any) -> int:
+    """train.num_workers as a number: `auto` is one worker per core this process may use beyond the
+    main one, at most 4 (so DataLoader never asks for more workers than the machine suggests)."""
+    if num_workers != "auto":
+        return int(num_workers)
+    import os
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(0, min(4, cores - 1))

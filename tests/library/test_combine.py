@@ -208,7 +208,7 @@ LOHA = {"_target_": "peftsmooth.adapt.peft_tuners.PeftTuner", "name": "loha", "c
 # (runs as names under the fixture / edited copies, other keys, a piece of the one-line error)
 REFUSED = [
     ([], {}, "runs=[]"),
-    (["nowhere"], {}, "not a run directory"),
+    (["nowhere"], {}, ": no such directory"),
     (["lora0.25", "lora0.5"], {"combination": "average"}, "combination=average is not allowed"),
     (["lora0.25", "lora0.5"], {"weights": [1.0]}, "has 1 values for 2 runs"),
     (["lora0.25", "lora0.5"], {"weights": ["a", 1]}, "is not a finite number"),

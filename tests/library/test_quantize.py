@@ -288,7 +288,7 @@ def _refusals(root):
         ([lora], "bits=None is not allowed"),
         ([lora, "bits=4", "quantize_head=maybe"], "quantize_head=maybe must be true or false"),
         (["bits=4"], "run: give the trained run"),
-        ([f"run={root / 'nothing'}", "bits=4"], "is not a run directory"),
+        ([f"run={root / 'nothing'}", "bits=4"], ": no such directory"),
         ([f"run={_fake_run(root, 'unfinished', finished=False)}", "bits=4"], "is not finished"),
         ([f"run={_fake_run(root, 'front', front={'_target_': 'peftsmooth.front.denoisers.Denoiser'})}", "bits=4"],
          "not to denoiser or black-box runs"),

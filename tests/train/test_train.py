@@ -194,7 +194,7 @@ def test_bad_input_exits_2_with_one_line(args, message, tmp_path):
     (["train.precision=fp8"], "train.precision"),
     (["train.precision=fp16"], "needs a GPU"),
     (["train.loss=hinge"], "train.loss"),
-    (["base=/no/such/run"], "not a run directory"),
+    (["base=/no/such/run"], "base=/no/such/run: no such directory"),
     (["resume=/no/such/run"], "no such directory"),
     (["train.epochs=0"], "untrained adapter"),
 ])
