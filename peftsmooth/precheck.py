@@ -191,13 +191,16 @@ def _in_other_choices(key: str, present: list[str]) -> str:
     group, _, inner = key.partition(".")
     if not (conf_dir() / group).is_dir() or "." in inner:
         return ""
+    having: dict[str, list[str]] = {}  # the close key -> the choices that have it
     for choice in group_choices(group):
         keys = [str(k) for k in OmegaConf.load(conf_dir() / group / f"{choice}.yaml")
                 if k != "defaults" and f"{group}.{k}" not in present]
-        close = difflib.get_close_matches(inner, keys, n=1, cutoff=0.8)
-        if close:
-            return f"; {group}={choice} has {group}.{close[0]}"
-    return ""
+        for close in difflib.get_close_matches(inner, keys, n=1, cutoff=0.8):
+            having.setdefault(close, []).append(f"{group}={choice}")
+    if not having:
+        return ""
+    close = max(having, key=lambda k: difflib.SequenceMatcher(None, inner, k).ratio())
+    return f"; {' and '.join(sorted(having[close]))} {'have' if len(having[close]) > 1 else 'has'} {group}.{close}"
 
 
 def _paths(node: Any, prefix: str = "") -> list[str]:

@@ -24,7 +24,7 @@ REFUSED = [
     # did you mean: config groups, keys inside groups, values with a fixed set of choices
     (["train", "modle=vit_tiny"], "modle: no such key or config group (did you mean model?)"),
     (["certify", "certify=sequential", "certify.nmax=5"], "certify.nmax: certify has no such key (did you mean certify.n_max?)"),
-    (["certify", "certify.nmax=5"], "certify=sequential has certify.n_max"),
+    (["certify", "certify.nmax=5"], "certify=incremental and certify=sequential have certify.n_max"),
     (["train", "peft=lorra"], "peft=lorra is not allowed (did you mean peft=lora?)"),
     (["train", *TINY, "train.precision=fp61"], "(did you mean train.precision=fp16?)"),
     (["certify", "certify.mode=nope", "sigma=0.25"], "certify.mode=nope"),
