@@ -22,7 +22,7 @@ def did_you_mean(word: str, options: Iterable[object]) -> str:
     """' (did you mean X?)' for the closest of `options` to a mistyped `word`, or '' when none is close."""
     import difflib
 
-    close = difflib.get_close_matches(str(word), [str(o) for o in options], n=1, cutoff=0.6)
+    close = difflib.get_close_matches(str(word), [str(o) for o in options], n=1, cutoff=0.7)  # 0.6 (difflib's default) offers list for mnist
     return f" (did you mean {close[0]}?)" if close else ""
 
 
