@@ -27,11 +27,20 @@ def did_you_mean(word: str, options: Iterable[object]) -> str:
 
 
 def choice_error(key: str, value: object, allowed: Iterable[object]) -> UserError:
-    """The standard 'unknown choice' error: names the key, the bad value, the closest allowed value and
-    all of them."""
+    """The standard 'unknown choice' error: names the key, the bad value, the closest allowed value (of
+    names: spelling says nothing about numbers, 0.12 is not a typo of 0.25) and all of them."""
     allowed = sorted(allowed, key=str)
-    hint = did_you_mean(str(value), allowed).replace("mean ", f"mean {key}=")
+    numbers = all(_is_number(a) for a in allowed)
+    hint = "" if numbers else did_you_mean(str(value), allowed).replace("mean ", f"mean {key}=")
     return UserError(f"{key}={value!s} is not allowed{hint} (choose from: {', '.join(str(a) for a in allowed)})")
+
+
+def _is_number(value: object) -> bool:
+    try:
+        float(str(value))
+    except ValueError:
+        return False
+    return True
 
 
 def die(command: str, message: str) -> NoReturn:
