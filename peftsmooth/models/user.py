@@ -34,6 +34,20 @@ def _load_file(path: Path):
     return module
 
 
+def _import_from(module_name: str, places: list[str | None]):
+    """Import a dotted module with `places` in front of the Python path for the import only: a user's
+    folder must not stay on the path, where a later import would find its stale modules."""
+    added = [p for p in places if p and p not in sys.path and not (p == str(Path.cwd()) and "" in sys.path)]
+    sys.path[:0] = added
+    try:
+        importlib.invalidate_caches()  # a module file may have come or gone since the last import
+        return importlib.import_module(module_name)
+    finally:
+        for place in added:
+            if place in sys.path:
+                sys.path.remove(place)
+
+
 def factory(spec: str, root: str | None = None) -> Callable[[int], nn.Module]:
     """The function named by `<module>:<function>` (a UserError when it cannot be imported); a dotted
     module is looked for in `root` (where a run found it, `model.factory_path`), the working
@@ -45,11 +59,7 @@ def factory(spec: str, root: str | None = None) -> Callable[[int], nn.Module]:
         if module_name.endswith(".py"):
             module = _load_file(Path(module_name).expanduser().resolve())
         else:
-            for place in (str(Path.cwd()), root):
-                if place and place not in sys.path and not (place == str(Path.cwd()) and "" in sys.path):
-                    sys.path.insert(0, place)
-            importlib.invalidate_caches()  # a module file may have come or gone since the last import
-            module = importlib.import_module(module_name)
+            module = _import_from(module_name, [root, str(Path.cwd())])
     except Exception as err:  # noqa: BLE001 - any failure to import the user's module is theirs to fix
         raise UserError(f"model.factory={spec}: cannot import {module_name} ({type(err).__name__}: {err})") from None
     fn = getattr(module, function, None)
