@@ -332,6 +332,11 @@ def resume_rows(out: Path, identity: dict, wanted: set[int], *, resume: str | No
         require(previous.get(key) == identity.get(key),
                 f"{out} holds a certification with {key}={previous.get(key)}, this run has {key}={identity.get(key)}; "
                 f"certify into another directory (hydra.run.dir=...)")
+    recorded = previous.get("weights_sha256")  # absent in certifications made before it was recorded
+    require(recorded is None or recorded == identity.get("weights_sha256"),
+            f"{out} holds rows certified with other weights (weights_sha256 {str(recorded)[:12]}..., this run's "
+            f"{str(identity.get('weights_sha256'))[:12]}...): the classifier changed since; certify into another "
+            f"directory (hydra.run.dir=...)")
     extra = sorted(r["idx"] for r in rows if r["idx"] not in wanted)
     require(not extra, f"{out} holds images outside this run's selection (idx {extra[:3]}...; skip/start/max/shard "
                        f"differ); certify into another directory (hydra.run.dir=...)")

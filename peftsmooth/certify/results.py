@@ -316,7 +316,7 @@ def check_shards(shards: Sequence[CertificationFiles]) -> None:
     reference = shards[0].summary or {}
     for shard in shards:
         summary = shard.summary or {}
-        for key in (*IDENTITY_KEYS, *SELECTION_KEYS, "num_shards"):
+        for key in (*IDENTITY_KEYS, *SELECTION_KEYS, "num_shards", "weights_sha256"):  # the same classifier too
             if summary.get(key) != reference.get(key):
                 raise UserError(f"dirs: {shard.path} has {key}={summary.get(key)} but {shards[0].path} has "
                                 f"{reference.get(key)}; only shards of one certification can be merged")

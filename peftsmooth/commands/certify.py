@@ -80,7 +80,8 @@ def run_certify(cfg) -> dict:
     base_dir = Path(broadcast_object(str(output_dir()), dist))  # rank 0's directory (timestamps may differ)
     out = base_dir / results.shard_dir_name(dist.rank, dist.world_size) if dist.world_size > 1 else base_dir
     identity = {"mode": s.mode, **s.engine_mode.identity(s), "alpha": s.alpha, "sigma": sigma,
-                "seed": int(cfg.seed), "precision": s.precision, "dataset": str(dataset_cfg.name)}
+                "seed": int(cfg.seed), "precision": s.precision, "dataset": str(dataset_cfg.name),
+                "weights_sha256": source["weights_sha256"]}
     rows = resume_rows(out, identity, set(indices), resume=s.resume)  # checked before compiling or sampling
 
     model, merged = prepare_for_certify(model, dist.device, merge_adapters=s.merge_adapters,
@@ -95,8 +96,7 @@ def run_certify(cfg) -> dict:
     out.mkdir(parents=True, exist_ok=True)
 
     meta = {**identity, "skip": s.skip, "start": s.start, "max": s.max,
-            **{k: source[k] for k in ("run", "method", "model_name", "trainable_params", "total_params", "sigma_train",
-                                       "weights_sha256")},
+            **{k: source[k] for k in ("run", "method", "model_name", "trainable_params", "total_params", "sigma_train")},
             "device": str(dist.device), "device_name": _device_name(dist.device), "batch_size": batch_size,
             "compile": s.compile and compile_error is None, "compile_error": compile_error,
             "compile_mode": s.compile_mode if s.compile else None, "channels_last": s.channels_last,

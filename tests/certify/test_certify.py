@@ -133,6 +133,29 @@ def test_resume_refuses_other_settings(run_dir, tmp_path):
         run_certify(compose("certify", [f"run={run_dir}", *SMALL, "certify.max=2", "certify.n=65"], run_dir=tmp_path))
 
 
+def test_resume_and_merge_refuse_rows_of_other_weights(run_dir, tmp_path):
+    """A certification whose classifier changed since (training resumed in the run, say) never mixes rows
+    of two classifiers: resume and merge compare summary.json's weights_sha256."""
+    import json
+
+    first = run_certify(compose("certify", [f"run={run_dir}", *SMALL, "certify.max=2"], run_dir=tmp_path / "a"))
+    assert len(first["weights_sha256"]) == 64
+    for directory in (tmp_path / "a", tmp_path / "b"):
+        if directory.name == "b":
+            run_certify(compose("certify", [f"run={run_dir}", *SMALL, "certify.max=2", "certify.shard=1",
+                                            "certify.num_shards=2"], run_dir=directory))
+        summary = json.loads((directory / "summary.json").read_text())
+        summary["weights_sha256"] = "0" * 64  # as if certified from other weights
+        (directory / "summary.json").write_text(json.dumps(summary))
+    with pytest.raises(UserError, match="other weights"):
+        run_certify(compose("certify", [f"run={run_dir}", *SMALL, "certify.max=2"], run_dir=tmp_path / "a"))
+    part = run_certify(compose("certify", [f"run={run_dir}", *SMALL, "certify.max=2", "certify.shard=0",
+                                           "certify.num_shards=2"], run_dir=tmp_path / "c"))
+    assert part["weights_sha256"] == first["weights_sha256"]
+    with pytest.raises(UserError, match="weights_sha256"):
+        run_merge(compose("merge", [f"dirs=[{tmp_path / 'c'},{tmp_path / 'b'}]"], run_dir=tmp_path / "merged"))
+
+
 def test_shards_merge_into_the_single_run(run_dir, reference, tmp_path):
     out, summary = reference
     base = tmp_path / "cert"
