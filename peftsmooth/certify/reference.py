@@ -160,10 +160,21 @@ def check_labels(parent: Parent, labels: dict[int, int]) -> None:
 
 
 def incremental_command(variant_run, parent_run) -> str:
-    """The command that certifies `variant_run` incrementally from a certification of `parent_run`
-    (the newest cohen or sequential one found under <parent_run>/certify/, else a placeholder)."""
-    found = sorted((p.parent for p in Path(str(parent_run)).glob("certify/*/" + results.SUMMARY_FILE)
-                    if (results.read_summary(p.parent) or {}).get("mode") in PARENT_MODES),
-                   key=lambda d: (d / results.SUMMARY_FILE).stat().st_mtime)
-    reference = str(found[-1]) if found else f"<a certify=cohen or sequential directory of {parent_run}>"
-    return f"peftsmooth certify run={variant_run} certify=incremental certify.reference={reference}"
+    """The command that certifies `variant_run` incrementally from a certification of `parent_run`, as
+    it runs when printed: the newest cohen certification under <parent_run>/certify/ (else the newest
+    sequential one; cohen parents carry the tighter bounds), with the parent's image selection, its n as
+    n_max and, for a parent alpha other than the default, alpha_total = twice it (else a placeholder)."""
+    found = [(p.parent, results.read_summary(p.parent) or {})
+             for p in Path(str(parent_run)).glob("certify/*/" + results.SUMMARY_FILE)]
+    found = sorted(((d, summary) for d, summary in found if summary.get("mode") in PARENT_MODES),
+                   key=lambda item: (item[1].get("mode") == "cohen", (item[0] / results.SUMMARY_FILE).stat().st_mtime))
+    if not found:
+        return (f"peftsmooth certify run={variant_run} certify=incremental "
+                f"certify.reference=<a certify=cohen or sequential directory of {parent_run}>")
+    reference, summary = found[-1]
+    options = [f"certify.reference={reference}", f"certify.n_max={summary.get('n')}"]
+    options += [f"certify.{key}={summary[key]}" for key, default in (("skip", 1), ("start", 0), ("max", None))
+                if summary.get(key, default) != default]
+    if summary.get("alpha") is not None and float(summary["alpha"]) != 0.001:
+        options.append(f"certify.alpha={2 * float(summary['alpha']):g}")
+    return f"peftsmooth certify run={variant_run} certify=incremental {' '.join(options)}"

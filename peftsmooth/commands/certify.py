@@ -91,8 +91,10 @@ def run_certify(cfg) -> dict:
     g_pair = pair_smooth(parent_model, model, dist.device, s, sigma, parent)  # f and f' on one batch, or None
     compile_error = g.compile(batch_size, dataset_cfg.image_size, mode=s.compile_mode) if s.compile else None
     seed_everything(int(cfg.seed))
-    preflight = preflight_check(g, dataset, indices, s.preflight, s.preflight_min_acc, int(cfg.seed), batch_size,
-                                show=dist.is_main)  # may refuse: before anything is written
+    todo = [i for i in indices if i not in {r["idx"] for r in rows}]
+    preflight = (preflight_check(g, dataset, indices, s.preflight, s.preflight_min_acc, int(cfg.seed), batch_size,
+                                 show=dist.is_main) if todo else  # may refuse: before anything is written
+                 (results.read_summary(out) or {}).get("preflight"))  # nothing left: the recorded one
     out.mkdir(parents=True, exist_ok=True)
 
     meta = {**identity, "skip": s.skip, "start": s.start, "max": s.max,
@@ -104,8 +106,6 @@ def run_certify(cfg) -> dict:
             "pack": s.pack, "num_planned": len(indices), "argv": " ".join(sys.argv), "preflight": preflight,
             **({"shard": s.shard, "num_shards": s.num_shards} if s.num_shards > 1 else {}),
             "alpha_total": s.alpha, **parent_meta(parent, s.alpha, parent_fingerprint)}
-    done = {r["idx"] for r in rows}
-    todo = [i for i in indices if i not in done]
     earlier = results.throughput(results.read_summary(out)) if rows else {}  # sessions that ran to the end
     results.write_results(out, rows, s.radius_grid, **meta, **earlier)  # settings on disk before the first row
 

@@ -179,9 +179,12 @@ def test_quantize_and_combine_name_the_incremental_command(runs, parent_cert, tm
 
     assert "certify=incremental certify.reference=<a certify" in incremental_command(tmp_path / "v", runs[1])
     shutil.copytree(parent_cert, runs[1] / "certify" / "cohen_sigma0.25_n2000")
-    command = incremental_command(tmp_path / "v", runs[1])
-    assert command.endswith(f"certify.reference={runs[1] / 'certify' / 'cohen_sigma0.25_n2000'}")
-    assert command.startswith(f"peftsmooth certify run={tmp_path / 'v'} certify=incremental")
+    command = incremental_command(runs[1], runs[1])
+    assert command == (f"peftsmooth certify run={runs[1]} certify=incremental certify.reference="
+                       f"{runs[1] / 'certify' / 'cohen_sigma0.25_n2000'} certify.n_max=2000 certify.skip=60 certify.max=6")
+    printed = run_certify(compose("certify", [*command.split()[2:], "device=cpu", "certify.batch_size=64",
+                                              "certify.n0=16"], run_dir=tmp_path / "as_printed"))
+    assert printed["complete"] and printed["mode"] == "incremental"  # it runs as printed
 
 
 def test_a_sequential_parent_works_and_a_predict_one_is_refused(runs, tmp_path):

@@ -83,6 +83,9 @@ def test_certify_writes_the_preflight_and_leaves_the_rows_unchanged(tmp_path):
     rows = [(tmp_path / d / "certify.tsv").read_text().splitlines() for d in ("a", "b")]
     assert [r.split("\t")[:5] for r in rows[0]] == [r.split("\t")[:5] for r in rows[1]]
     assert with_check["forward_calls"] == without["forward_calls"]  # the preflight's passes are apart
+    again = run_certify(compose("certify", [*base, "certify.preflight=20", "certify.preflight_min_acc=1.0"],
+                                run_dir=tmp_path / "a"))  # nothing left to certify: no check, the recorded one
+    assert again["preflight"] == saved and again["complete"]
 
 
 def test_preflight_min_acc_refuses_and_leaves_nothing(tmp_path, monkeypatch, capsys, hydra_logging):
