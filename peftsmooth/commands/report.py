@@ -8,11 +8,14 @@ checks the options, writes the chosen files atomically and prints the table.
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 
 from peftsmooth.config import _remove_if_unstarted, hydra_app, output_dir
 from peftsmooth.errors import UserError, choice_error, require
+
+log = logging.getLogger(__name__)
 
 FORMATS = ("md", "csv", "tex", "png", "pdf")  # report.<format>
 
@@ -107,6 +110,7 @@ def run_report(cfg) -> dict:
         report.published = field.select(field.load(), dataset, cfg.get("published_methods") or [],
                                         cfg.get("published_sigmas") or [])
         report.rows += [field.table_row(row, report.radius_grid) for row in report.published]
+        _warn_other_datasets(report.rows, dataset)
     out = Path(str(cfg.get("out") or dirs[0])).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     files = write_files(report, out, formats)
@@ -117,6 +121,16 @@ def run_report(cfg) -> dict:
     console.print(f"wrote {', '.join(str(p) for p in files.values())}")
     _remove_if_unstarted(output_dir())  # the results are in out; Hydra's directory holds nothing of them
     return {"rows": report.rows, "files": {k: str(v) for k, v in files.items()}}
+
+
+def _warn_other_datasets(rows: list[dict], published: str) -> None:
+    """Published rows beside runs on another dataset are no like-for-like comparison: say so (the tables
+    other than the CSV do not show the dataset)."""
+    others = sorted({str(r.get("dataset")) for r in rows if not r.get("published") and r.get("dataset")} - {published})
+    if others:
+        log.warning("published=%s beside runs on %s: the published rows are another dataset's results, not a "
+                    "like-for-like comparison (report.csv's dataset column tells the rows apart)",
+                    published, ", ".join(others))
 
 
 main = hydra_app("report", run_report, check=check_report)

@@ -94,9 +94,10 @@ def report_with(root, tmp_path, *overrides):
     return run_report(cfg)
 
 
-def test_published_cifar10_shows_cat_rs_at_sigma_half(ours, tmp_path):
+def test_published_cifar10_shows_cat_rs_at_sigma_half(ours, tmp_path, caplog):
     result = report_with(ours, tmp_path, "published=cifar10", "published_methods=[CAT-RS,MACER]",
                          "published_sigmas=[0.5]")
+    assert "beside runs on digits" in caplog.text  # our rows are digits: no like-for-like comparison
     shown = [r for r in result["rows"] if r.get("published")]
     assert sorted(r["method"] for r in shown) == ["CAT-RS", "MACER"] and {r["sigma"] for r in shown} == {0.5}
     cat = next(r for r in shown if r["method"] == "CAT-RS")
