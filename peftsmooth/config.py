@@ -60,13 +60,37 @@ def output_dir() -> Path:
 # The deepest directory on the way to this process's run directory that existed before Hydra started
 # (noted by peftsmooth.precheck): the directories below it were created by this command.
 _EXISTED: list[Path] = []
+# An existing run directory's Hydra files (their bytes) and logs (their sizes) before Hydra started: a
+# refused command (a resume that fails a check, say) puts them back as they were.
+_BEFORE: dict[Path, bytes | int] = {}
 
 
 def remember_run_dir(run_dir: Path | None) -> None:
-    """Note which directories on the way to `run_dir` exist already (before Hydra creates it)."""
+    """Note which directories on the way to `run_dir` exist already (before Hydra creates it), and what
+    an existing one holds of Hydra's files and logs."""
     _EXISTED.clear()
+    _BEFORE.clear()
     if run_dir is not None:
         _EXISTED.append(next(p for p in [run_dir, *run_dir.parents] if p.is_dir()))
+        for path in [*Path(os.path.abspath(run_dir)).glob(".hydra/*"), *Path(os.path.abspath(run_dir)).glob("*.log")]:
+            _BEFORE[path] = path.read_bytes() if path.parent.name == ".hydra" else path.stat().st_size
+
+
+def _restore_existing(run_dir: Path) -> None:
+    """After a UserError in a directory that existed before Hydra started: Hydra's files and the logs
+    back as they were (Hydra rewrote .hydra/ and the job appended to its log before the refusal)."""
+    run_dir = Path(os.path.abspath(run_dir))
+    if not _EXISTED or _EXISTED[0] != run_dir:
+        return
+    _close_log_files(run_dir)
+    for path in [*run_dir.glob(".hydra/*"), *run_dir.glob("*.log")]:
+        if path not in _BEFORE:
+            path.unlink()
+    for path, before in _BEFORE.items():
+        if isinstance(before, bytes):
+            path.write_bytes(before)
+        elif path.exists():
+            os.truncate(path, before)
 
 
 def _remove_if_unstarted(run_dir: Path) -> None:
@@ -146,6 +170,7 @@ def hydra_app(command: str, run_fn: Callable[[Any], Any],
             return run_fn(cfg)
         except UserError as err:
             try:
+                _restore_existing(output_dir())
                 _remove_if_unstarted(output_dir())
             except Exception:  # noqa: BLE001 - cleanup is best effort
                 pass

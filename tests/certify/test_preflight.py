@@ -98,3 +98,18 @@ def test_preflight_min_acc_refuses_and_leaves_nothing(tmp_path, monkeypatch, cap
     err = capsys.readouterr().err.strip()
     assert exited.value.code == 2 and len(err.splitlines()) == 1 and "certify.preflight_min_acc=0.99" in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_refused_resume_leaves_the_certification_as_it_was(tmp_path, monkeypatch, capsys, hydra_logging):
+    """Hydra rewrites .hydra/ and the job appends to its log before the refusal: both go back."""
+    from peftsmooth import cli
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["peftsmooth"])
+    command = ["certify", *TINY, "sigma=0.25", *SMALL, "hydra.run.dir=cert"]
+    cli.main(command)
+    before = {p: p.read_bytes() for p in (tmp_path / "cert").rglob("*") if p.is_file()}
+    with pytest.raises(SystemExit) as exited:  # a larger selection (something to do) below the bar
+        cli.main([*command[:-1], "certify.max=4", "certify.preflight_min_acc=0.99", "hydra.run.dir=cert"])
+    assert exited.value.code == 2 and "certify.preflight_min_acc=0.99" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in (tmp_path / "cert").rglob("*") if p.is_file()} == before
