@@ -127,6 +127,10 @@ def _close_log_files(run_dir: Path) -> None:
                 handler.close()
 
 
+# Datasets whose number of classes is fixed (imagenet's root may hold a subset; folder counts its own)
+FIXED_CLASSES = {"cifar10": 10, "cifar100": 100, "digits": 10}
+
+
 def check_common(cfg) -> None:
     """Checks every command shares: sigma is a non-negative number, device a usable one and an image
     folder (dataset=folder) a usable one, where set."""
@@ -145,6 +149,11 @@ def check_common(cfg) -> None:
         from peftsmooth.data import check_folder
 
         check_folder(dataset)
+    elif dataset is not None and hasattr(dataset, "get") and dataset.get("name") in FIXED_CLASSES:
+        known = FIXED_CLASSES[dataset.name]
+        if dataset.get("num_classes") != known:  # its labels would overrun the head deep inside training
+            raise UserError(f"dataset.num_classes={dataset.get('num_classes')}: {dataset.name} has {known} classes "
+                            f"(labels 0-{known - 1}); leave dataset.num_classes at {known}")
 
 
 # command -> its check of the composed config (no model, data or network), set by hydra_app
