@@ -24,6 +24,7 @@ REFUSED = [
     # did you mean: config groups, keys inside groups, values with a fixed set of choices
     (["train", "modle=vit_tiny"], "modle: no such key or config group (did you mean model?)"),
     (["train", *TINY, "dataset.num_classes=5"], "dataset.num_classes=5: digits has 10 classes"),
+    (["certify", *TINY, "sigma=0.25", "certify.mode=sequential"], "certify.mode=sequential lacks certify.n_max: choose"),
     (["certify", "certify=sequential", "certify.nmax=5"], "certify.nmax: certify has no such key (did you mean certify.n_max?)"),
     (["certify", "certify.nmax=5"], "certify=incremental and certify=sequential have certify.n_max"),
     (["train", "peft=lorra"], "peft=lorra is not allowed (did you mean peft=lora?)"),

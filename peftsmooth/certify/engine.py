@@ -98,6 +98,7 @@ class Mode:
 
 
 MODES: dict[str, Mode] = {}
+MODE_KEYS = {"sequential": ("n_max", "stop", "radii"), "incremental": ("reference", "fallback", "n_max")}  # their own
 
 
 def register(name: str) -> Callable[[type[Mode]], type[Mode]]:
@@ -245,6 +246,9 @@ class Settings:
     def from_config(cls, c) -> Settings:
         """certify.* as Settings, or a UserError naming the first bad key."""
         require(str(c.get("mode")) in MODES, str(choice_error("certify.mode", c.get("mode"), MODES)))
+        missing = [k for k in MODE_KEYS.get(str(c.mode), ()) if k not in c]  # certify.mode=X without certify=X
+        require(not missing, f"certify.mode={c.mode} lacks certify.{missing[0] if missing else ''}: choose the mode "
+                             f"with its group, certify={c.mode} (it brings the mode's keys)")
         options = MODES[str(c.mode)].read_options(c)
         _check_numbers(c)
         if str(c.get("precision")) not in PRECISIONS:
