@@ -161,9 +161,9 @@ class RunInfo(Mapping):
             raise UserError(f"{key}={run_dir}: {RUN_FILE} is not valid JSON ({err.msg})") from err
         if not isinstance(values, dict):
             raise UserError(f"{key}={run_dir}: {RUN_FILE} is not a JSON object")
-        for key in REQUIRED:
-            if key not in values:
-                raise UserError(f"{key}={run_dir}: {RUN_FILE} has no {key!r}")
+        for field in REQUIRED:
+            if field not in values:
+                raise UserError(f"{key}={run_dir}: {RUN_FILE} has no {field!r}")
         info = cls.from_fields(**values)
         info.check(f"{key}={run_dir}")
         return info

@@ -283,6 +283,9 @@ def test_run_info_schema_round_trip_and_bad_values(tmp_path):
     (tmp_path / "run.json").write_text(json.dumps({**dict(info), "num_classes": "ten"}))
     with pytest.raises(UserError, match="num_classes='ten'"):
         read_run_info(tmp_path)
+    (tmp_path / "run.json").write_text(json.dumps({k: v for k, v in dict(info).items() if k != "image_size"}))
+    with pytest.raises(UserError, match=f"^base={tmp_path}: run.json has no 'image_size'"):
+        read_run_info(tmp_path, "base")  # the message names the key the user gave the directory with
 
 
 def test_resume_of_another_commands_run_is_refused(tmp_path):
