@@ -51,7 +51,7 @@ def model_overrides(cfg) -> dict:
     are on this machine (the keys given on the command line, with their values)."""
     from peftsmooth.runs import MOVABLE_MODEL_KEYS
 
-    given = {key for key in _overridden_keys("model")}
+    given = set(_overridden_keys("model"))
     return {key: cfg.model.get(key) for key in MOVABLE_MODEL_KEYS if key in given}
 
 
@@ -106,24 +106,23 @@ def prepare_for_certify(model: nn.Module, device: torch.device, *, merge_adapter
     return model, merged
 
 
-def _overridden_keys(group: str) -> list[str]:
-    """The keys of `group` the command line sets (`model.factory=...` -> factory)."""
+def _override_names() -> list[str]:
+    """The keys and groups the command line sets (`model.factory=...` -> model.factory, `dataset=folder`
+    -> dataset); none outside a Hydra job."""
     try:
         from hydra.core.hydra_config import HydraConfig
 
         task = list(HydraConfig.get().overrides.task)
     except Exception:  # noqa: BLE001 - outside a Hydra job nothing is overridden
         return []
-    names = [o.lstrip("+~").split("=")[0] for o in task]
-    return [n.split(".", 1)[1] for n in names if n.startswith(group + ".")]
+    return [o.lstrip("+~").split("=")[0] for o in task]
+
+
+def _overridden_keys(group: str) -> list[str]:
+    """The keys of `group` the command line sets (`model.factory=...` -> factory)."""
+    return [n.split(".", 1)[1] for n in _override_names() if n.startswith(group + ".")]
 
 
 def _overridden(group: str) -> bool:
     """Whether the command line overrides a key of `group` (e.g. dataset=... or dataset.root=...)."""
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        task = list(HydraConfig.get().overrides.task)
-    except Exception:  # noqa: BLE001 - outside a Hydra job nothing is overridden
-        return False
-    return any(o.lstrip("+~").split("=")[0].split(".")[0] == group for o in task)
+    return any(n.split(".")[0] == group for n in _override_names())
