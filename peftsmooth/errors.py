@@ -30,17 +30,19 @@ def choice_error(key: str, value: object, allowed: Iterable[object]) -> UserErro
     """The standard 'unknown choice' error: names the key, the bad value, the closest allowed value (of
     names: spelling says nothing about numbers, 0.12 is not a typo of 0.25) and all of them."""
     allowed = sorted(allowed, key=str)
-    numbers = all(_is_number(a) for a in allowed)
+    numbers = all(is_number(a) for a in allowed)
     hint = "" if numbers else did_you_mean(str(value), allowed).replace("mean ", f"mean {key}=")
     return UserError(f"{key}={value!s} is not allowed{hint} (choose from: {', '.join(str(a) for a in allowed)})")
 
 
-def _is_number(value: object) -> bool:
+def is_number(value: object) -> bool:
+    """A finite number, or text that reads as one ("0.5")."""
+    import math
+
     try:
-        float(str(value))
+        return math.isfinite(float(str(value)))
     except ValueError:
         return False
-    return True
 
 
 def die(command: str, message: str) -> NoReturn:

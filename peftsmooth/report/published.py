@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Sequence
 
-from peftsmooth.errors import choice_error, require
+from peftsmooth.errors import choice_error, is_number, require
 
 DATA_FILE = "published.csv"
 RECOMPUTED = "recomputed from log"
@@ -119,20 +119,13 @@ def select(rows: Sequence[PublishedRow], dataset: str, methods: Sequence = (),
     wanted = {names[str(m).lower()] for m in methods}
     values = sorted({row.sigma for row in rows})
     for sigma in sigmas:
-        if not _is_number(sigma) or not any(math.isclose(float(sigma), s) for s in values):
+        if not is_number(sigma) or not any(math.isclose(float(sigma), s) for s in values):
             raise choice_error("published_sigmas", sigma, [f"{s:g}" for s in values])
     chosen = [row for row in rows if (not wanted or row.method in wanted)
               and (not sigmas or any(math.isclose(row.sigma, float(s)) for s in sigmas))]
     require(bool(chosen), f"published={dataset} has no row for published_methods={list(methods)} at "
                           f"published_sigmas={list(sigmas)} (published=list shows every row)")
     return chosen
-
-
-def _is_number(value) -> bool:
-    try:
-        return math.isfinite(float(value))
-    except (TypeError, ValueError):
-        return False
 
 
 def table_row(row: PublishedRow, radius_grid: Sequence[float]) -> dict:
