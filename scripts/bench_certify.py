@@ -212,9 +212,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "(later rows of that batch size repeat its figure)")
     parser.add_argument("--out", default=None, help="append the JSON lines to this file too")
     parser.add_argument("--smoke", action="store_true", help="tiny ViT, small n, CPU: a few seconds")
-    args = parser.parse_args(argv)
+    return apply_smoke(parser.parse_args(argv), SMOKE)
+
+
+def apply_smoke(args: argparse.Namespace, smoke: dict) -> argparse.Namespace:
+    """--smoke: the script's tiny settings, on the CPU unless a device was named (bench_train uses it too)."""
     if args.smoke:
-        for key, value in SMOKE.items():
+        for key, value in smoke.items():
             setattr(args, key, value)
         args.device = "cpu" if args.device == "auto" else args.device
     return args

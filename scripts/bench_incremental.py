@@ -34,7 +34,7 @@ from bench_sequential import GRID, Outcomes, compare, format_table, recover_pa, 
 
 from peftsmooth.certify import incremental as inc  # noqa: E402
 from peftsmooth.certify.results import read_tsv  # noqa: E402
-from peftsmooth.certify.sequential import look_plan, run_plan, stop_rule  # noqa: E402
+from peftsmooth.certify.sequential import look_plan, run_plan, run_steps, stop_rule  # noqa: E402
 from peftsmooth.certify.stats import clopper_pearson_lower  # noqa: E402
 
 RADII = (0.25, 0.5, 0.75, 1.0)
@@ -51,13 +51,7 @@ def sequential_outcome(cumulative: np.ndarray, looks, plan, sigma: float, rule) 
 
 
 def disagreement_outcome(p_lower: float, zeta: float, plan, sigma: float, radii, rng) -> tuple[bool, float, int, int]:
-    steps = inc.disagreement_steps(plan, p_lower, sigma, radii)
-    m = next(steps)
-    try:
-        while True:
-            m = steps.send(int(rng.binomial(m, zeta)))
-    except StopIteration as stop:
-        r = stop.value
+    r = run_steps(inc.disagreement_steps(plan, p_lower, sigma, radii), lambda m: int(rng.binomial(m, zeta)))
     return r.certified, r.radius, 2 * r.samples, r.disagreements
 
 

@@ -145,12 +145,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (else the table)")
     p.add_argument("--out", default=None, help="append the JSON lines to this file too")
     p.add_argument("--smoke", action="store_true", help="tiny ViT, two steps, CPU: a few seconds")
-    args = p.parse_args(argv)
-    if args.smoke:
-        for key, value in SMOKE.items():
-            setattr(args, key, value)
-        args.device = "cpu" if args.device == "auto" else args.device
-    return args
+    return bench_certify().apply_smoke(p.parse_args(argv), SMOKE)
 
 
 def main(argv=None) -> list[dict]:

@@ -392,7 +392,7 @@ def sampler_table(stages: dict) -> list[str]:
     lines = ["| model | batch | n0 + n | precision | compile | samples/s | Cohen fp32 samples/s | speedup | "
              "GFLOP/sample | TFLOP/s | MFU | peak memory (MiB) |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name in ("sampler_vit", "sampler_resnet110"):
-        for r in (stages.get(name, {}).get("result") or {}).get("rows", []):
+        for r in _rows(stages, name):
             model = " ".join([r["model"], *[o.split("=", 1)[1] for o in r["model_override"] if "arch=" in o]])
             compiled = "yes" if r["compile"] else ("failed" if r.get("compile_error") else "no")
             lines.append(f"| {model} | {r['batch_size']:,} | {r['n0'] + r['n']:,} | {r['precision']} | {compiled} | "
@@ -402,10 +402,15 @@ def sampler_table(stages: dict) -> list[str]:
     return lines
 
 
+def _rows(stages: dict, name: str) -> list[dict]:
+    """The measured rows of a stage (none when it failed or did not run)."""
+    return (stages.get(name, {}).get("result") or {}).get("rows", [])
+
+
 def pool_table(stages: dict) -> list[str]:
     lines = ["| mode | images in flight | forward calls | batch fill | samples / image | wall (s) | samples/s |",
              "|---|---|---|---|---|---|---|"]
-    for r in (stages.get("pool_resnet110", {}).get("result") or {}).get("rows", []):
+    for r in _rows(stages, "pool_resnet110"):
         lines.append(f"| {r['mode']} | {'pool' if r['pool'] else 'one'} | {r['forward_calls']:,} | "
                      f"{r['batch_fill']:.3f} | {r['samples_per_image']:,.0f} | {r['wall_s']:.2f} | "
                      f"{r['samples_per_s']:,.0f} |")
@@ -415,7 +420,7 @@ def pool_table(stages: dict) -> list[str]:
 def train_table(stages: dict) -> list[str]:
     lines = ["| method | trainable params | batch | precision | images/s | ms / step | GFLOP / image (fwd+bwd) | "
              "MFU | peak memory (MiB) |", "|---|---|---|---|---|---|---|---|---|"]
-    for r in (stages.get("train_vit", {}).get("result") or {}).get("rows", []):
+    for r in _rows(stages, "train_vit"):
         lines.append(f"| {r['method']} | {r['trainable_params']:,} | {r['batch_size']} | {r['precision']} | "
                      f"{r['images_per_second']:,.1f} | {r['ms_per_step']:.1f} | {r['flops_per_image'] / 1e9:.2f} | "
                      f"{_pct(r['mfu'])} | {_num(r['peak_memory_mb'])} |")

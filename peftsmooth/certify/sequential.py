@@ -68,7 +68,7 @@ import functools
 import itertools
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Generator, Iterable, Iterator, Sequence
+from typing import Any, Callable, Generator, Iterable, Iterator, Sequence
 
 import numpy as np
 from scipy.special import ndtri
@@ -239,7 +239,12 @@ def run_plan(draw: Callable[[int], int], plan: LookPlan, sigma: float, rule: Sto
     """The looks of `plan`, taken as given (`certify_sequential` checks it first), with `draw` called
     once per look. Any plan runs here, an invalid one too, so that the tests can show what an invalid
     plan does."""
-    steps = plan_steps(plan, sigma, rule)
+    return run_steps(plan_steps(plan, sigma, rule), draw)
+
+
+def run_steps(steps: Generator[int, int, Any], draw: Callable[[int], int]) -> Any:
+    """Drive a look procedure (a generator: yields how many samples to draw, is sent how many hit, returns
+    its result) with `draw(m)` as the hits among m fresh samples: replays and tests of any such test."""
     m = next(steps)
     while True:
         try:

@@ -279,7 +279,7 @@ def test_the_routed_procedure_keeps_false_certificates_below_alpha_total():
     """The whole procedure on a Bernoulli oracle: the parent re-certified per trial, the route chosen
     from its row, then the disagreement test or sequential CERTIFY of f' on fresh votes. pA' = pA - zeta
     (every disagreement on a hit), thresholds around pA' so that both routes and their bounds bite."""
-    from peftsmooth.certify.sequential import run_plan, stop_rule
+    from peftsmooth.certify.sequential import run_plan, run_steps, stop_rule
 
     rng = np.random.default_rng(1)
     trials, n, alpha_1, alpha_total, sigma = 2000, 2000, 0.025, 0.05, 0.5
@@ -297,13 +297,8 @@ def test_the_routed_procedure_keeps_false_certificates_below_alpha_total():
             result = run_plan(lambda m: int(rng.binomial(m, pA_variant)), rule.sequential_plan, sigma,
                               stop_rule("radii", list(radii)))
         else:
-            steps = inc.disagreement_steps(rule.disagreement_plan, p_lower, sigma, radii)
-            m = next(steps)
-            try:
-                while True:
-                    m = steps.send(int(rng.binomial(m, zeta)))
-            except StopIteration as stop:
-                result = stop.value
+            result = run_steps(inc.disagreement_steps(rule.disagreement_plan, p_lower, sigma, radii),
+                               lambda m: int(rng.binomial(m, zeta)))
         false += result.certified and result.lower > pA_variant
     assert routes[inc.ROUTE_SEQUENTIAL] > 0 and routes[inc.ROUTE_DISAGREEMENT] > 0, routes
     assert false / trials <= alpha_total
